@@ -1,0 +1,1 @@
+"""The `dcad` command line."""

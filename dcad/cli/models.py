@@ -1,0 +1,90 @@
+"""`dcad models list` and `dcad models show NAME`: versions, aliases, gate results and metrics."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from dcad.cli.console import console
+from dcad.cli.tracking import TRACKING_URI_OPTION
+
+app = typer.Typer(help="Registered models: versions, aliases and metrics.", no_args_is_help=True)
+
+SHOWN = ("image_auroc", "pixel_auroc", "aupro")
+
+
+@app.command("list")
+def list_cmd(
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Every registered model with its number of versions and its aliases."""
+    from dcad.platform.registry import list_models
+    from dcad.platform.store import open_store
+
+    _, client = open_store(tracking_uri)
+    rows = list_models(client)
+    if json_out:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="Registered models", title_justify="left")
+    for col in ("name", "versions", "latest", "aliases", "updated"):
+        table.add_column(col)
+    for r in rows:
+        aliases = ", ".join(f"{a}→v{v}" for a, v in sorted(r["aliases"].items())) or "—"
+        table.add_row(r["name"], str(r["versions"]), str(r["latest"] or "—"), aliases, r["updated"] or "")
+    console.print(table if rows else "no registered models")
+
+
+@app.command("show")
+def show_cmd(
+    name: str = typer.Argument(..., help="Registered model name."),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The versions of a model: aliases, source run, gate decisions, metrics; and each alias's history."""
+    from dcad.platform.registry import show_model
+    from dcad.platform.store import open_store
+
+    _, client = open_store(tracking_uri)
+    info = show_model(client, name)
+    if json_out:
+        console.print_json(json.dumps(info, allow_nan=True))
+        return
+    console.print(versions_table(info))
+    for alias, history in info["history"].items():
+        current = info["aliases"].get(alias, "—")
+        console.print(f"{alias}: now v{current}; holders " + " → ".join(f"v{v}" for v in history))
+
+
+def versions_table(info: dict) -> Table:
+    table = Table(title=f"{info['name']}", title_justify="left")
+    for col in ("version", "aliases", "source run", "sweep", *SHOWN, "gate", "by", "at"):
+        table.add_column(col, justify="right" if col in SHOWN else "left")
+    for v in info["versions"]:
+        tags = v["tags"]
+        gates = _gates(tags)
+        table.add_row(
+            v["version"],
+            ", ".join(v["aliases"]) or "",
+            (v["run_id"] or "")[:12],
+            (tags.get("dcad.sweep") or "")[:12],
+            *(f"{v['metrics'][k]:.3f}" if k in v["metrics"] else "—" for k in SHOWN),
+            "; ".join(f"{a}: {g.get('result', '?')}" for a, g in gates.items()),
+            "; ".join(sorted({g.get("by", "") for g in gates.values()})),
+            "; ".join(sorted({g.get("at", "") for g in gates.values()})),
+        )
+    return table
+
+
+def _gates(tags: dict) -> dict[str, dict[str, str]]:
+    """{alias: {result, by, at, ...}} from the dcad.gate.<alias>.<field> tags."""
+    gates: dict[str, dict[str, str]] = {}
+    for key, value in tags.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[:2] == ["dcad", "gate"]:
+            gates.setdefault(parts[2], {})[parts[3]] = value
+    return gates

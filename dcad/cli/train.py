@@ -1,0 +1,171 @@
+"""`dcad train`, `dcad eval`, `dcad predict`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dcad.cli.console import console, err_console
+from dcad.cli.tracking import (
+    EXPERIMENT_OPTION,
+    NO_TRACK_OPTION,
+    RUN_NAME_OPTION,
+    TRACKING_URI_OPTION,
+    CommandTracking,
+    tracked,
+)
+from dcad.core.config import PROFILES, ConfigError, load_config
+from dcad.core.errors import DcadError
+
+MODEL_HELP = "A model directory (or, with MLflow, runs:/RUN_ID/model or models:/NAME@ALIAS)."
+
+
+def _load_cfg(profile: str, config: Optional[Path], overrides: list[str]):
+    if profile not in PROFILES and config is None:
+        raise ConfigError(f"unknown profile '{profile}' (choose from {', '.join(PROFILES)})")
+    return load_config(profile=profile if config is None else None, config_path=config, overrides=overrides)
+
+
+def resolve_model_dir(model: str, tracking_uri: Optional[str] = None) -> Path:
+    if model.startswith(("runs:/", "models:/")):
+        from dcad.platform.model_uri import download_model_dir
+
+        return download_model_dir(model, tracking_uri)
+    return Path(model)
+
+
+def _hooks(progress):
+    from dcad.train.pipeline import TrainHooks
+
+    tasks: dict[str, int] = {}
+
+    def on_phase(name: str) -> None:
+        err_console.print(f"[cyan]▸[/] {name}")
+
+    def on_step(epoch: int, step: int, loss: float) -> None:
+        pass
+
+    def on_epoch(report) -> None:
+        key = report.stage
+        if key not in tasks:
+            tasks[key] = progress.add_task(f"{key} epochs", total=report.epochs)
+        progress.update(tasks[key], completed=report.epoch)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in report.metrics.items())
+        progress.console.print(f"  {report.stage} epoch {report.epoch}/{report.epochs}: {shown}")
+
+    return TrainHooks(on_epoch=on_epoch, on_step=on_step, on_phase=on_phase)
+
+
+def train(
+    data: Path = typer.Option(..., "--data", help="Dataset root (MVTec AD, VisA, BTAD or folder layout)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Model directory to write."),
+    profile: str = typer.Option("cpu", "--profile", "-p", help=f"Shipped profile: {', '.join(PROFILES)}."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config YAML (replaces --profile)."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. --set train.base.epochs=5."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    resume: bool = typer.Option(False, help="Continue from the checkpoints in --output."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the test metrics here."),
+    experiment: str = EXPERIMENT_OPTION,
+    run_name: Optional[str] = RUN_NAME_OPTION,
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    no_track: bool = NO_TRACK_OPTION,
+) -> None:
+    """Train one multi-class DRDC model, evaluate it once on the test split, write the model directory."""
+    from dcad.cli.common import metrics_table, prepare_output_dir, progress_bar, write_json
+    from dcad.core.data import build_splits
+    from dcad.core.inference import evaluate
+    from dcad.core.model.model_dir import save_model
+    from dcad.train.pipeline import resolve_device, train_drdc
+
+    tracking = CommandTracking.begin(not no_track, tracking_uri, experiment, run_name, "train")
+    cfg = _load_cfg(profile, config, overrides)
+    splits = build_splits(data, cfg.data)
+    prepare_output_dir(output, overwrite, keep=resume)
+    dev = resolve_device(device)
+    err_console.print(
+        f"dcad train: profile [bold]{cfg.profile}[/], {len(splits.categories)} categories, "
+        f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, device {dev}"
+    )
+    tracking.log_training_inputs(cfg, splits.index, data, output)
+    start = time.perf_counter()
+    with progress_bar() as progress:
+        hooks = _hooks(progress)
+        hooks.on_epoch = tracking.wrap_epoch(hooks.on_epoch)
+        model, val_metrics = train_drdc(cfg, splits, device=dev, checkpoint_dir=output / "checkpoints", resume=resume, hooks=hooks)
+    train_s = time.perf_counter() - start
+    save_model(
+        model,
+        output,
+        extra={"dataset_digest": splits.index.digest(), "dataset_root": str(data.resolve()), "train_seconds": round(train_s, 1)},
+    )
+    err_console.print(f"[cyan]▸[/] test evaluation ({len(splits.test)} images)")
+    t0 = time.perf_counter()
+    evaluator = tracking.evaluator()
+    result = evaluate(model, splits.test, cfg.train.eval_batch_size, dev, evaluator=evaluator)
+    eval_s = time.perf_counter() - t0
+    result["timing"] = {"train_seconds": train_s, "eval_seconds": eval_s, "ms_per_image": 1000 * eval_s / max(1, len(splits.test))}
+    result["validation"] = val_metrics
+    write_json(output / "metrics.json", result)
+    write_json(output / "history.json", {"epochs": hooks.history})
+    if json_out:
+        write_json(json_out, result)
+    console.print(metrics_table(result, title=f"Test metrics ({output})"))
+    err_console.print(f"trained in {train_s:.0f} s, evaluated in {eval_s:.1f} s; model written to [bold]{output}[/]")
+    tracking.finish_training(output, result, evaluator, model, splits.index.test)
+
+
+def eval_cmd(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: Path = typer.Option(..., "--data", help="Dataset root; its test split is evaluated."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics JSON here."),
+    device: str = typer.Option("auto"),
+    batch_size: Optional[int] = typer.Option(None, help="Defaults to the model's eval batch size."),
+    by_defect: bool = typer.Option(False, "--by-defect", help="Also report metrics per defect type."),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."),
+    log: bool = typer.Option(False, "--log", help="Log this evaluation as an MLflow run (metrics, plots, dataset)."),
+    experiment: str = EXPERIMENT_OPTION,
+    run_name: Optional[str] = RUN_NAME_OPTION,
+) -> None:
+    """Evaluate a model on a dataset's test split: per-category and mean metrics."""
+    from dcad.cli.common import metrics_table, progress_bar, write_json
+    from dcad.core.data import AnomalyDataset, open_dataset
+    from dcad.core.inference import evaluate
+    from dcad.core.model.model_dir import load_model
+    from dcad.train.pipeline import resolve_device
+
+    tracking = CommandTracking.begin(log, tracking_uri, experiment, run_name, "eval")
+    dev = resolve_device(device)
+    net = load_model(resolve_model_dir(model, tracking_uri), dev)
+    index = open_dataset(data)
+    unknown = sorted(set(index.categories) - set(net.categories))
+    if unknown:
+        raise DcadError(f"{data}: categories {unknown} are not known to the model (it knows {net.categories})")
+    test = AnomalyDataset(index.test, net.categories, net.image_size)
+    if len(test) == 0:
+        raise DcadError(f"{data}: the test split is empty")
+    with progress_bar() as progress:
+        task = progress.add_task("evaluating", total=len(test))
+        result = evaluate(
+            net,
+            test,
+            batch_size or net.cfg.train.eval_batch_size,
+            dev,
+            track_defect_types=by_defect,
+            on_batch=lambda done, total: progress.update(task, completed=done),
+            evaluator=tracking.evaluator(track_defect_types=by_defect),
+        )
+    result["model"] = str(model)
+    result["dataset_digest"] = index.digest()
+    if json_out:
+        write_json(json_out, result)
+    console.print(metrics_table(result, title=f"Test metrics ({model} on {data})"))
+    tracking.finish_evaluation(model, data, index, result, net)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(tracked(train))
+    app.command("eval")(tracked(eval_cmd))

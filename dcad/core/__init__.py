@@ -1,0 +1,1 @@
+"""Model, data and metrics: pure torch/numpy. Nothing here imports Ray, MLflow or the CLI."""

@@ -1,0 +1,127 @@
+"""DRDC: the composite multi-class model (backbone → base branch → diffusion refinement → fusion).
+
+`DRDC.forward(images, category_index=None)` returns the base map, the refinement maps, the fused
+anomaly map and the image score. Normalisation statistics and thresholds live in `Calibration`
+(buffers fitted on the validation split of normal training images, never on test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dcad.core.config import DCADConfig
+from dcad.core.model.backbone import FeatureExtractor
+from dcad.core.model.base_branch import BaseReconstructor, base_anomaly_map
+from dcad.core.model.denoiser import Denoiser, build_scheduler
+from dcad.core.model.fusion import RefinementStats, fuse, gaussian_blur, image_score
+from dcad.core.model.inpainting import InpaintingRefiner
+
+
+@dataclass
+class Prediction:
+    base_map: Tensor  # [B,1,H,W] raw base map (feature reconstruction error)
+    refine_maps: Tensor | None  # [B,T,S,H,W] raw refinement maps, or None (base only)
+    anomaly_map: Tensor  # [B,1,H,W] final map (standardised units)
+    image_score: Tensor  # [B]
+    category_index: Tensor  # [B] given or predicted
+
+
+class Calibration(nn.Module):
+    """Statistics fitted on validation data: map standardisation, thresholds, score range."""
+
+    def __init__(self, num_timesteps: int, num_scales: int) -> None:
+        super().__init__()
+        self.register_buffer("base_mean", torch.zeros(()))
+        self.register_buffer("base_std", torch.ones(()))
+        self.refine = RefinementStats(num_timesteps, num_scales)
+        self.register_buffer("image_threshold", torch.tensor(float("nan")))
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
+        self.register_buffer("image_min", torch.tensor(float("nan")))
+        self.register_buffer("image_max", torch.tensor(float("nan")))
+
+    def standardise_base(self, base_map: Tensor) -> Tensor:
+        return (base_map - self.base_mean) / self.base_std.clamp_min(1e-8)
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(torch.isfinite(self.image_threshold))
+
+    def normalise_scores(self, scores: Tensor) -> Tensor:
+        """anomalib-style: threshold ↦ 0.5, clamp to [0, 1]."""
+        span = (self.image_max - self.image_min).clamp_min(1e-8)
+        return ((scores - self.image_threshold) / span + 0.5).clamp(0.0, 1.0)
+
+
+class DRDC(nn.Module):
+    def __init__(self, cfg: DCADConfig, categories: list[str]) -> None:
+        super().__init__()
+        if not categories:
+            raise ValueError("DRDC needs at least one category")
+        self.cfg = cfg
+        self.categories = list(categories)
+        self.backbone = FeatureExtractor(cfg.backbone, cfg.data.image_size)
+        self.base = BaseReconstructor(self.backbone.channels, self.backbone.grid, cfg.base)
+        self.uses_refiner = cfg.refiner.enabled and cfg.ablation.mode != "base_only"
+        self.denoiser = Denoiser(cfg.refiner, len(categories)) if self.uses_refiner else None
+        self.scheduler = build_scheduler(cfg.refiner.scheduler) if self.uses_refiner else None
+        self.register_buffer("prototypes", torch.zeros(len(categories), self.backbone.channels))
+        self.calibration = Calibration(len(cfg.refiner.timesteps), len(cfg.refiner.patch_sizes))
+
+    # ---- pieces ------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.cfg.data.image_size
+
+    def category_indices(self, names: list[str]) -> Tensor:
+        lookup = {c: i for i, c in enumerate(self.categories)}
+        return torch.tensor([lookup[n] for n in names], dtype=torch.long)
+
+    @torch.no_grad()
+    def predict_category(self, images: Tensor, feats: Tensor | None = None) -> Tensor:
+        """Nearest per-category prototype (cosine) of the backbone's pooled features."""
+        pooled = feats.mean(dim=(2, 3)) if feats is not None else self.backbone.pooled(images)
+        sims = nn.functional.normalize(pooled, dim=1) @ nn.functional.normalize(self.prototypes, dim=1).T
+        return sims.argmax(dim=1)
+
+    def refiner(self) -> InpaintingRefiner:
+        assert self.denoiser is not None
+        return InpaintingRefiner(self.denoiser, self.cfg.refiner, self.scheduler)
+
+    def class_labels(self, category_index: Tensor) -> Tensor:
+        if self.denoiser is None or not self.cfg.refiner.class_conditioning:
+            return torch.full_like(category_index, self.denoiser.null_class if self.denoiser else 0)
+        return category_index
+
+    # ---- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, images: Tensor, category_index: Tensor | None = None) -> Prediction:
+        feats = self.backbone(images)
+        if category_index is None:
+            category_index = self.predict_category(images, feats)
+        category_index = category_index.to(images.device)
+        base_map = base_anomaly_map(feats, self.base(feats), self.image_size)
+        base_z = self.calibration.standardise_base(base_map)
+        refine_maps = None
+        mode = self.cfg.ablation.mode
+        if self.uses_refiner:
+            refiner = self.refiner()
+            guidance = base_z if self.cfg.refiner.base_map_channel else None
+            inpainted = refiner.inpaint(images, guidance, self.class_labels(category_index))
+            refine_maps = refiner.refinement_maps(images, inpainted)
+        if refine_maps is None:
+            final = gaussian_blur(base_z, self.cfg.fusion.blur_sigma)
+        else:
+            refine_z = self.calibration.refine.standardise(refine_maps)
+            final = fuse(
+                base_z,
+                refine_z,
+                self.cfg.fusion,
+                self.cfg.refiner.timesteps,
+                self.cfg.refiner.patch_sizes,
+                refine_only=mode == "refine_only",
+            )
+        scores = image_score(final, self.cfg.fusion.pool_kernel)
+        return Prediction(base_map, refine_maps, final, scores, category_index)

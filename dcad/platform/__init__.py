@@ -1,0 +1,1 @@
+"""Ray, MLflow, S3 and the model registry."""

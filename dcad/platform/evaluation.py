@@ -1,0 +1,39 @@
+"""Evaluate a model given by MLflow URI on a dataset's test split (what the promotion gate compares)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from dcad.core.errors import DcadError
+
+
+def evaluate_model_dir(model_dir: Path, data: Path, device: str = "auto") -> dict:
+    """Per-category and mean metrics of the model directory on `data`'s test split."""
+    from dcad.core.data import AnomalyDataset, open_dataset
+    from dcad.core.inference import evaluate
+    from dcad.core.model.model_dir import load_model
+    from dcad.train.pipeline import resolve_device
+
+    dev = resolve_device(device)
+    net = load_model(model_dir, dev)
+    index = open_dataset(data)
+    unknown = sorted(set(index.categories) - set(net.categories))
+    if unknown:
+        raise DcadError(f"{data}: categories {unknown} are not known to the model {model_dir} (it knows {net.categories})")
+    test = AnomalyDataset(index.test, net.categories, net.image_size)
+    if len(test) == 0:
+        raise DcadError(f"{data}: the test split is empty")
+    return evaluate(net, test, net.cfg.train.eval_batch_size, dev)
+
+
+def uri_evaluator(tracking_uri: str, device: str = "auto", on_start: Callable[[str], None] | None = None):
+    """An `Evaluate` for `registry.promote`: downloads the model at the URI, then evaluates it."""
+    from dcad.platform.model_uri import download_model_dir
+
+    def run(uri: str, data: Path) -> dict:
+        if on_start:
+            on_start(uri)
+        return evaluate_model_dir(download_model_dir(uri, tracking_uri), data, device)
+
+    return run

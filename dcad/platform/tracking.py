@@ -1,0 +1,298 @@
+"""MLflow run tracking for `dcad train`, `dcad eval --log` and `dcad log`.
+
+A `RunTracker` owns one MLflow run. `start_run` checks the store first (a dead server fails
+before any training). After that every write is best effort: if the server goes away, the tracker
+records why, stops writing, and the caller finishes its work locally and raises `TrackingLostError`
+with the `dcad log` command that uploads what is missing (see `log_model_dir`).
+
+Names logged (per-category keys sanitised):
+    params        the flattened config (`base.hidden_dim`, ...)
+    metrics       `{stage}_{metric}` per epoch (step = epoch), `val_*` (final validation),
+                  `test_{metric}` (mean over categories), `test_{metric}/{category}`
+    tags          dcad.version, dcad.kind, dcad.profile, dcad.dataset_digest, dcad.model_dir,
+                  mlflow.source.git.commit (when the code is a git checkout)
+    inputs        the dataset (MLflow dataset input, context train / evaluation)
+    artifacts     config.yaml, report/ (metrics table, ROC/PRO plots, heatmaps), model (pyfunc)
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+import re
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dcad import __version__
+from dcad.core.model.model_dir import CONFIG_FILE, read_metadata
+from dcad.platform.errors import TrackingError, TrackingLostError
+from dcad.platform.secrets import redact, redact_mapping
+from dcad.platform.store import DEFAULT_EXPERIMENT, get_or_create_experiment, open_store, run_link
+
+REPORT_DIR = "report"
+PARAM_VALUE_LIMIT = 6000
+BATCH_LIMIT = 100  # params or metrics per log_batch call (MLflow's limit is 1000 entries in total)
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+@dataclass
+class TrackingOptions:
+    """What the CLI options select: where, which experiment, which run name; `enabled=False` = --no-track."""
+
+    tracking_uri: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    enabled: bool = True
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def metric_key(name: str) -> str:
+    """MLflow-safe metric/param key (alphanumerics, `_ - . / space`)."""
+    return _KEY_UNSAFE.sub("_", name)
+
+
+def git_commit() -> str | None:
+    """The commit of the dcad source checkout, or None (installed package, no git, no commit yet)."""
+    source = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def base_tags(kind: str) -> dict[str, str]:
+    tags = {
+        "dcad.version": __version__,
+        "dcad.kind": kind,
+        "mlflow.user": getpass.getuser(),
+        "mlflow.source.name": f"dcad {kind}",
+        "mlflow.source.type": "LOCAL",
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["dcad.git_commit"] = commit
+    return tags
+
+
+def start_run(options: TrackingOptions, kind: str, run_id: str | None = None) -> "RunTracker":
+    """Check the store (TrackingError if unusable), then create a run (or reopen `run_id`)."""
+    uri, client = open_store(options.tracking_uri)
+    try:
+        if run_id is not None:
+            run = client.get_run(run_id)
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            return RunTracker(uri, client, run_id, run.info.experiment_id)
+        experiment_id = get_or_create_experiment(client, options.experiment, uri)
+        tags = {**base_tags(kind), **options.tags}
+        if options.parent_run_id:
+            tags["mlflow.parentRunId"] = options.parent_run_id
+        run = client.create_run(experiment_id, tags=redact_mapping(tags), run_name=options.run_name)
+    except TrackingError:
+        raise
+    except Exception as err:  # MlflowException, requests errors, sqlite errors
+        raise TrackingError(f"tracking store {uri}: cannot start a run ({_first_line(err)})") from None
+    return RunTracker(uri, client, run.info.run_id, experiment_id)
+
+
+def _first_line(err: BaseException) -> str:
+    text = getattr(err, "message", None) or str(err) or type(err).__name__
+    return redact(str(text).strip().splitlines()[0])[:300]
+
+
+class RunTracker:
+    """One MLflow run; writes are best effort once started (see `lost`)."""
+
+    def __init__(self, uri: str, client, run_id: str, experiment_id: str) -> None:
+        self.uri, self.client, self.run_id, self.experiment_id = uri, client, run_id, experiment_id
+        self.lost: str | None = None  # why the store stopped answering, once it did
+        self.model_uri: str | None = None
+
+    # ---- plumbing -------------------------------------------------------------------------------
+    def _safe(self, what: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        if self.lost is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of the store ends tracking, never the run
+            self.lost = f"{what}: {_first_line(err)}"
+            return None
+
+    @property
+    def link(self) -> str | None:
+        return run_link(self.uri, self.experiment_id, self.run_id)
+
+    # ---- what is logged -------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self._safe("read params", lambda: self.client.get_run(self.run_id).data.params) or {}
+        items = [
+            Param(metric_key(k), _param_value(v))
+            for k, v in redact_mapping(params).items()
+            if metric_key(k) not in existing
+        ]
+        for chunk in _chunks(items, BATCH_LIMIT):
+            self._safe("log params", self.client.log_batch, self.run_id, params=chunk)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in redact_mapping(tags).items() if v is not None]
+        for chunk in _chunks(items, BATCH_LIMIT):
+            self._safe("set tags", self.client.log_batch, self.run_id, tags=chunk)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        for chunk in _chunks(items, BATCH_LIMIT):
+            self._safe("log metrics", self.client.log_batch, self.run_id, metrics=chunk)
+
+    def log_epoch(self, report) -> None:
+        """Per-epoch training and validation metrics of a stage (an `EpochReport`)."""
+        self.log_metrics({f"{report.stage}_{k}": v for k, v in report.metrics.items()}, step=report.epoch)
+
+    def log_history(self, history: list[dict]) -> None:
+        """Per-epoch metrics from `history.json`, skipping (key, step) pairs the run already has."""
+        have = self._logged_steps()
+        for entry in history:
+            stage, epoch = entry.get("stage"), int(entry.get("epoch", 0))
+            metrics = {f"{stage}_{k}": v for k, v in entry.items() if k not in ("stage", "epoch")}
+            fresh = {k: v for k, v in metrics.items() if epoch not in have.get(metric_key(k), set())}
+            self.log_metrics(fresh, step=epoch)
+
+    def _logged_steps(self) -> dict[str, set[int]]:
+        run = self._safe("read run", self.client.get_run, self.run_id)
+        steps: dict[str, set[int]] = {}
+        for key in run.data.metrics if run else {}:
+            history = self._safe("read metric history", self.client.get_metric_history, self.run_id, key) or []
+            steps[key] = {m.step for m in history}
+        return steps
+
+    def log_evaluation(self, result: dict, prefix: str = "test") -> None:
+        """`{prefix}_{metric}` (mean over categories) and `{prefix}_{metric}/{category}`."""
+        metrics = {f"{prefix}_{k}": v for k, v in result.get("mean", {}).items()}
+        for cat, values in result.get("categories", {}).items():
+            metrics.update({f"{prefix}_{k}/{cat}": v for k, v in values.items()})
+        self.log_metrics(metrics)
+
+    def log_dataset(self, root: str | Path, digest: str, context: str, name: str | None = None) -> None:
+        """The dataset as an MLflow dataset input (source = its path) and its digest as a tag."""
+        self.set_tags({"dcad.dataset_digest": digest, "dcad.dataset_root": str(root)})
+        self._safe("log dataset", self._log_dataset, str(root), digest, context, name)
+
+    def _log_dataset(self, root: str, digest: str, context: str, name: str | None) -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" (MLflow registers it twice)
+            source = resolve_dataset_source(root)
+        dataset = MetaDataset(source, name=name or Path(root).name, digest=digest[:32])
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
+        if local_dir.is_dir() and any(local_dir.iterdir()):
+            self._safe("upload artifacts", self.client.log_artifacts, self.run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
+        if local_file.is_file():
+            self._safe("upload artifact", self.client.log_artifact, self.run_id, str(local_file), artifact_path)
+
+    def log_model(self, model_dir: Path) -> str | None:
+        """Log the model directory as the run's pyfunc model; returns its `models:/<id>` URI."""
+        info = self._safe("log model", self._log_model, model_dir)
+        if info is not None:
+            self.model_uri = info.model_uri
+            self.set_tags({"dcad.model_uri": info.model_uri})
+        return self.model_uri
+
+    def _log_model(self, model_dir: Path):
+        import mlflow
+
+        from dcad.platform.model_package import log_pyfunc_model
+
+        mlflow.set_tracking_uri(self.uri)
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            return log_pyfunc_model(model_dir)
+        with mlflow.start_run(run_id=self.run_id, nested=active is not None, log_system_metrics=False):
+            info = log_pyfunc_model(model_dir)
+        self.client.update_run(self.run_id, status="RUNNING")  # leaving start_run ended it; finish() does
+        return info
+
+    def logged_model_ids(self) -> list[str]:
+        run = self._safe("read run", self.client.get_run, self.run_id)
+        return [o.model_id for o in run.outputs.model_outputs] if run and run.outputs else []
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._safe("end run", self.client.set_terminated, self.run_id, status)
+
+    def lost_error(self, model_dir: Path | None, command: str | None = None) -> TrackingLostError:
+        where = f"the model directory {model_dir} is complete" if model_dir else "the results are on disk"
+        retry = command or (f"dcad log {model_dir} --tracking-uri {self.uri} --run-id {self.run_id}" if model_dir else "")
+        return TrackingLostError(
+            f"tracking store {self.uri} was lost during the run ({self.lost}); {where}; "
+            f"log it when the store is back: {retry}"
+        )
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= PARAM_VALUE_LIMIT else text[: PARAM_VALUE_LIMIT - 3] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (isinstance(value, float) and math.isinf(value))
+
+
+# ---- a model directory's outputs ----------------------------------------------------------------
+def log_model_outputs(tracker: RunTracker, model_dir: Path) -> None:
+    """What a finished model directory holds: final metrics, config, report files and the model."""
+    metrics_file = model_dir / "metrics.json"
+    if metrics_file.is_file():
+        result = json.loads(metrics_file.read_text())
+        tracker.log_evaluation(result, "test")
+        tracker.log_metrics({k: v for k, v in (result.get("validation") or {}).items()})
+        tracker.log_metrics({f"time_{k}": v for k, v in (result.get("timing") or {}).items()})
+    tracker.log_artifact(model_dir / CONFIG_FILE)
+    tracker.log_artifacts(model_dir / REPORT_DIR, REPORT_DIR)
+    if not tracker.logged_model_ids():
+        tracker.log_model(model_dir)
+
+
+def log_model_dir(tracker: RunTracker, model_dir: Path, data_root: Path | None = None) -> None:
+    """Everything about a model directory, for `dcad log` (idempotent on a partly logged run)."""
+    from dcad.core.config import DCADConfig
+
+    meta = read_metadata(model_dir)
+    cfg = DCADConfig.from_yaml(model_dir / CONFIG_FILE)
+    tracker.log_params(cfg.flat())
+    tracker.set_tags({"dcad.profile": cfg.profile, "dcad.model_dir": str(model_dir.resolve())})
+    root = data_root or meta.get("dataset_root")
+    if meta.get("dataset_digest"):
+        if root:
+            tracker.log_dataset(root, meta["dataset_digest"], "train")
+        else:
+            tracker.set_tags({"dcad.dataset_digest": meta["dataset_digest"]})
+    history_file = model_dir / "history.json"
+    if history_file.is_file():
+        tracker.log_history(json.loads(history_file.read_text()).get("epochs", []))
+    log_model_outputs(tracker, model_dir)

@@ -1,0 +1,99 @@
+"""Fit normalisation statistics and decision thresholds on the validation split (never on test).
+
+The validation split is carved from the *normal training images*; half of it carries pasted synthetic
+defects (see `dcad.core.data.validation`). Map statistics come from its normal images only; the
+image and pixel thresholds maximise F1 over all of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dcad.core.inference import loader_for, predict_batches
+from dcad.core.metrics import f1_max_threshold
+from dcad.core.model.base_branch import base_anomaly_map
+from dcad.core.model.drdc import DRDC
+
+MAX_PIXELS_FOR_THRESHOLD = 2_000_000
+
+
+def _normal_batches(dataset: Dataset, batch_size: int):
+    for batch in loader_for(dataset, batch_size):
+        keep = batch["label"] == 0
+        if keep.any():
+            yield {k: (v[keep] if torch.is_tensor(v) else [x for x, m in zip(v, keep) if m]) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def fit_base_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) -> None:
+    total, total_sq, count = 0.0, 0.0, 0
+    for batch in _normal_batches(dataset, batch_size):
+        images = batch["image"].to(device)
+        feats = model.backbone(images)
+        base_map = base_anomaly_map(feats, model.base(feats), model.image_size).double()
+        total += base_map.sum().item()
+        total_sq += (base_map**2).sum().item()
+        count += base_map.numel()
+    if count == 0:
+        raise ValueError("the validation split has no normal images to calibrate on")
+    mean = total / count
+    std = max((total_sq / count - mean**2) ** 0.5, 1e-8)
+    model.calibration.base_mean.fill_(mean)
+    model.calibration.base_std.fill_(std)
+
+
+@torch.no_grad()
+def fit_refinement_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) -> None:
+    if not model.uses_refiner:
+        return
+
+    def maps():
+        for batch in _normal_batches(dataset, batch_size):
+            images = batch["image"].to(device)
+            cats = batch["category_index"].to(device)
+            pred = model(images, cats)
+            yield pred.refine_maps
+
+    model.calibration.refine.fit(maps())
+
+
+@torch.no_grad()
+def fit_thresholds(model: DRDC, dataset: Dataset, batch_size: int, device, seed: int = 0) -> dict[str, float]:
+    scores, labels, pix_scores, pix_labels = [], [], [], []
+    rng = np.random.default_rng(seed)
+    per_image = max(1, MAX_PIXELS_FOR_THRESHOLD // max(1, len(dataset)))
+    for batch, pred in predict_batches(model, dataset, batch_size, device):
+        scores.append(pred.image_score.numpy())
+        labels.append(batch["label"].numpy())
+        maps = pred.anomaly_map.flatten(1).numpy()
+        masks = (batch["mask"].flatten(1) > 0).numpy()
+        for m, g in zip(maps, masks):  # bounded: a fixed random subset of pixels per image
+            idx = rng.choice(m.size, size=min(per_image, m.size), replace=False)
+            pix_scores.append(m[idx])
+            pix_labels.append(g[idx])
+    scores_np, labels_np = np.concatenate(scores), np.concatenate(labels)
+    cal = model.calibration
+    if labels_np.min() == labels_np.max():  # no anomalies in validation: highest normal score (anomalib's fallback)
+        image_f1, image_t = float("nan"), float(scores_np.max())
+    else:
+        image_f1, image_t = f1_max_threshold(scores_np, labels_np)
+    pix_s, pix_l = np.concatenate(pix_scores), np.concatenate(pix_labels)
+    if pix_l.any() and not pix_l.all():
+        pixel_f1, pixel_t = f1_max_threshold(pix_s, pix_l.astype(np.int64))
+    else:
+        pixel_f1, pixel_t = float("nan"), float(pix_s.max())
+    cal.image_threshold.fill_(float(image_t))
+    cal.pixel_threshold.fill_(float(pixel_t))
+    cal.image_min.fill_(float(scores_np.min()))
+    cal.image_max.fill_(float(scores_np.max()))
+    return {"val_image_f1": float(image_f1), "val_pixel_f1": float(pixel_f1)}
+
+
+def calibrate(model: DRDC, dataset: Dataset, batch_size: int, device) -> dict[str, float]:
+    """All statistics in dependency order: base → refinement (guided by the base) → thresholds."""
+    model.eval()
+    fit_base_statistics(model, dataset, batch_size, device)
+    fit_refinement_statistics(model, dataset, batch_size, device)
+    return fit_thresholds(model, dataset, batch_size, device)

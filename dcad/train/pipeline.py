@@ -1,0 +1,223 @@
+"""Train a DRDC model end to end on one process: prototypes → base stage → refiner stage → calibration.
+
+Each stage runs through `fit_stage` and is checkpointed at every epoch under `checkpoint_dir`, so an
+interrupted run resumes where it stopped (`resume=True`). Distributed runners reuse the same stages.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dcad.core.config import DCADConfig
+from dcad.core.data import Splits
+from dcad.core.inference import loader_for
+from dcad.core.metrics import AnomalyEvaluator
+from dcad.core.model.base_branch import base_anomaly_map
+from dcad.core.model.drdc import DRDC
+from dcad.core.model.fusion import gaussian_blur, image_score
+from dcad.train.base_stage import BaseStage
+from dcad.train.calibrate import calibrate, fit_base_statistics
+from dcad.train.checkpoint import load_checkpoint, save_checkpoint
+from dcad.train.features import compute_features
+from dcad.train.loop import fit_stage
+from dcad.train.refiner_stage import RefinerStage
+from dcad.train.stage import EpochCallback, EpochReport, StepCallback
+
+PhaseCallback = Callable[[str], None]
+
+
+@dataclass
+class TrainHooks:
+    on_epoch: EpochCallback | None = None
+    on_step: StepCallback | None = None
+    on_phase: PhaseCallback | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def phase(self, name: str) -> None:
+        if self.on_phase:
+            self.on_phase(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def set_prototypes(model: DRDC, dataset, batch_size: int, device) -> None:
+    """Per-category mean of pooled backbone features of the normal training images."""
+    sums = torch.zeros_like(model.prototypes)
+    counts = torch.zeros(len(model.categories), device=sums.device)
+    for batch in loader_for(dataset, batch_size):
+        pooled = model.backbone.pooled(batch["image"].to(device))
+        idx = batch["category_index"].to(device)
+        sums.index_add_(0, idx, pooled)
+        counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
+    model.prototypes.copy_(sums / counts.clamp_min(1).unsqueeze(1))
+
+
+@torch.no_grad()
+def stack_images(dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a (small) dataset as uint8 [N,3,H,W] plus category indices."""
+    images, cats = [], []
+    for batch in loader_for(dataset, batch_size):
+        images.append((batch["image"] * 255).round().to(torch.uint8))
+        cats.append(batch["category_index"])
+    return torch.cat(images), torch.cat(cats)
+
+
+class _ValidationSet:
+    """Validation images held in memory (the split is small) with labels and masks."""
+
+    def __init__(self, model: DRDC, dataset, batch_size: int, device, max_images: int) -> None:
+        self.batches = []
+        n = 0
+        for batch in loader_for(dataset, batch_size):
+            self.batches.append(batch)
+            n += len(batch["label"])
+            if n >= max_images:
+                break
+        self.model, self.device = model, device
+
+    @torch.no_grad()
+    def base_metrics(self, base_module) -> dict[str, float]:
+        ev, losses = AnomalyEvaluator(), []
+        cfg = self.model.cfg
+        for b in self.batches:
+            feats = self.model.backbone(b["image"].to(self.device))
+            recon = base_module(feats)
+            normal = b["label"].to(self.device) == 0
+            if normal.any():
+                losses.append(((recon - feats) ** 2)[normal].mean().item())
+            amap = gaussian_blur(base_anomaly_map(feats, recon, self.model.image_size), cfg.fusion.blur_sigma)
+            ev.update(image_score(amap, cfg.fusion.pool_kernel), b["label"], amap, b["mask"], list(b["category"]))
+        return _val_metrics(ev.compute(), losses)
+
+    @torch.no_grad()
+    def full_metrics(self, dataset, batch_size, recalibrate: bool = True) -> dict[str, float]:
+        if recalibrate:
+            calibrate(self.model, dataset, batch_size, self.device)
+        ev = AnomalyEvaluator()
+        for b in self.batches:
+            pred = self.model(b["image"].to(self.device), b["category_index"].to(self.device))
+            ev.update(pred.image_score, b["label"], pred.anomaly_map, b["mask"], list(b["category"]))
+        return _val_metrics(ev.compute(), [])
+
+
+def _val_metrics(result: dict, losses: list[float]) -> dict[str, float]:
+    mean = result["mean"]
+    out = {f"val_{k}": float(mean[k]) for k in ("image_auroc", "pixel_auroc", "aupro")}
+    if losses:
+        out["val_loss"] = float(np.mean(losses))
+    return out
+
+
+def _checkpointing(checkpoint_dir: Path | None, hooks: TrainHooks) -> EpochCallback:
+    def on_epoch(report: EpochReport) -> None:
+        if checkpoint_dir is not None:
+            save_checkpoint(report.checkpoint(), checkpoint_dir / f"{report.stage}.pt")
+        hooks.history.append({"stage": report.stage, "epoch": report.epoch, **report.metrics})
+        if hooks.on_epoch:
+            hooks.on_epoch(report)
+
+    return on_epoch
+
+
+def _resume_state(checkpoint_dir: Path | None, stage: str, resume: bool) -> dict | None:
+    if not resume or checkpoint_dir is None:
+        return None
+    path = checkpoint_dir / f"{stage}.pt"
+    return load_checkpoint(path) if path.exists() else None
+
+
+def _run_stage(stage, stage_cfg, cfg: DCADConfig, device, checkpoint_dir, resume, hooks) -> None:
+    state = _resume_state(checkpoint_dir, stage.name, resume)
+    if state is not None and state["epoch"] >= stage_cfg.epochs:
+        stage.module().load_state_dict(state["model"])
+        hooks.phase(f"{stage.name}: finished earlier (epoch {state['epoch']}), reusing its checkpoint")
+        return
+    if state is not None:
+        hooks.phase(f"{stage.name}: resuming from epoch {state['epoch']}")
+    fit_stage(
+        stage,
+        stage_cfg,
+        device,
+        seed=cfg.train.seed,
+        amp=cfg.train.amp,
+        on_epoch=_checkpointing(checkpoint_dir, hooks),
+        on_step=hooks.on_step,
+        resume=state,
+    )
+
+
+def train_drdc(
+    cfg: DCADConfig,
+    splits: Splits,
+    *,
+    device: torch.device,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    hooks: TrainHooks | None = None,
+) -> tuple[DRDC, dict[str, float]]:
+    """Train both stages and calibrate on validation; returns the model and its validation metrics."""
+    hooks = hooks or TrainHooks()
+    seed_everything(cfg.train.seed)
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    bs = cfg.train.eval_batch_size
+    model = DRDC(cfg, splits.categories).to(device)
+    hooks.phase("prototypes and feature cache")
+    set_prototypes(model, splits.train, bs, device)
+    cache = compute_features(model.backbone, splits.train, bs, device)
+    val = _ValidationSet(model, splits.val, bs, device, cfg.train.val_max_images)
+
+    hooks.phase("base branch")
+    base_stage = BaseStage(model.base, cache, validate_fn=val.base_metrics)
+    _run_stage(base_stage, cfg.train.base, cfg, device, checkpoint_dir, resume, hooks)
+    model.eval()
+    fit_base_statistics(model, splits.val, bs, device)
+
+    if model.uses_refiner:
+        hooks.phase("refiner")
+        images, cats = stack_images(splits.train, bs)
+        base_maps = _standardised_base_maps(model, cache, device)
+        refiner_stage = RefinerStage(
+            model.denoiser,
+            model.scheduler,
+            cfg.refiner,
+            images,
+            base_maps,
+            cats,
+            validate_fn=(lambda _m: val.full_metrics(splits.val, bs)) if cfg.train.validate_refiner else None,
+        )
+        _run_stage(refiner_stage, cfg.train.refiner, cfg, device, checkpoint_dir, resume, hooks)
+
+    hooks.phase("calibration on the validation split")
+    model.eval()
+    val_metrics = calibrate(model, splits.val, bs, device)
+    val_metrics.update(val.full_metrics(splits.val, bs, recalibrate=False))
+    return model, val_metrics
+
+
+@torch.no_grad()
+def _standardised_base_maps(model: DRDC, cache, device) -> torch.Tensor:
+    """Base maps of the training images (guidance channel of the denoiser), at image resolution."""
+    maps = []
+    for start in range(0, len(cache), 64):
+        feats = cache.features[start : start + 64].to(device).float()
+        base = base_anomaly_map(feats, model.base(feats), model.image_size)
+        maps.append(model.calibration.standardise_base(base).cpu())
+    return torch.cat(maps)
