@@ -214,5 +214,16 @@ def test_check_decodes_every_file(tmp_path: Path) -> None:
 def test_check_rejects_mask_size_mismatch_naming_both_files(tmp_path: Path) -> None:
     make_mvtec(tmp_path)
     _mask(tmp_path / "wood" / "ground_truth" / "crack" / "000_mask.png", size=SIZE + 2)
-    with pytest.raises(DatasetError, match=r"crack/000_mask\.png: mask size 10x10 does not match image .*crack/000\.png \(8x8\)"):
+    message = r"crack/000_mask\.png: mask size 10x10 does not match image .*crack/000\.png \(8x8\)"
+    with pytest.raises(DatasetError, match=message):
         check_dataset(tmp_path)
+
+
+def test_check_converts_grey_rgba_and_16bit_images(tmp_path: Path) -> None:
+    make_mvtec(tmp_path, cats=("bottle",))
+    good = tmp_path / "bottle" / "train" / "good"
+    Image.fromarray(np.full((SIZE, SIZE), 90, np.uint8)).save(good / "000.png")  # L
+    Image.fromarray(np.full((SIZE, SIZE, 4), 90, np.uint8), "RGBA").save(good / "001.png")
+    Image.fromarray(np.full((SIZE, SIZE), 40000, np.uint16)).save(good / "002.png")  # I;16
+    summary = check_dataset(tmp_path)
+    assert summary["categories"]["bottle"]["train"] == 3 and summary["categories"]["bottle"]["sizes"] == ["8x8"]

@@ -138,6 +138,15 @@ def test_defects_are_deterministic_and_work_on_any_shape() -> None:
         assert a_mask.shape == (40, 56) and a_mask.any(), name
 
 
+@pytest.mark.parametrize("value", [0.0, 0.5, 1.0])
+def test_defects_never_return_an_empty_mask_even_on_flat_tiny_images(value: float) -> None:
+    flat = np.full((16, 16, 3), value, np.float32)
+    for name, defect in DEFECTS.items():
+        out, mask = defect(flat, np.random.default_rng(0))
+        assert mask.any(), name
+        assert (np.abs(out - flat).max(axis=2)[mask] > CHANGED).all(), name
+
+
 def test_objects_keep_defects_on_the_object() -> None:
     """On a plain background, defects land on the object: masked pixels were foreground."""
     _, image = RENDERS[2]  # capsule

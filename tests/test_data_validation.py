@@ -40,7 +40,7 @@ def test_dataset_item_format(data: Path) -> None:
     ds = AnomalyDataset(index.test, index.categories, image_size=32)
     for item, record in zip(_items(ds), index.test):
         assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
-        assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+        assert item["image"].min() >= 0.0 and item["image"].max() <= 1.0
         assert item["mask"].shape == (1, 32, 32) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
         assert item["label"] == record.label and item["defect_type"] == record.defect_type
         assert index.categories[item["category_index"]] == item["category"] == record.category
@@ -54,7 +54,8 @@ def test_dataset_size_mismatch_names_both_files(tmp_path: Path, data: Path) -> N
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small_mask.png")
     bad = type(record)(record.image_path, record.category, "test", 1, record.defect_type, tmp_path / "small_mask.png")
     ds = AnomalyDataset([bad], index.categories, 32)
-    with pytest.raises(DatasetError, match=rf"small_mask\.png: mask size 10x10 does not match image {record.image_path}"):
+    message = rf"small_mask\.png: mask size 10x10 does not match image {record.image_path}"
+    with pytest.raises(DatasetError, match=message):
         ds[0]
 
 
@@ -119,7 +120,8 @@ def test_validation_output_is_independent_of_access_order(data: Path) -> None:
 
 
 def test_build_splits_never_uses_test_images(data: Path) -> None:
-    cfg = DataConfig(image_size=32, val_fraction=0.3, val_seed=0, val_anomaly_fraction=0.5, categories=["brick", "gear"])
+    cfg = DataConfig(image_size=32, val_fraction=0.3, val_seed=0, val_anomaly_fraction=0.5,
+                     categories=["brick", "gear"])
     splits = build_splits(data, cfg)
     assert splits.categories == ["brick", "gear"]
     test_paths = {r.image_path for r in splits.index.test}

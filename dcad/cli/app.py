@@ -8,8 +8,13 @@ import typer
 
 from dcad import __version__
 from dcad.cli import data as data_cli
+from dcad.cli import leaderboard as leaderboard_cli
+from dcad.cli import log as log_cli
+from dcad.cli import models as models_cli
 from dcad.cli import predict as predict_cli
+from dcad.cli import promote as promote_cli
 from dcad.cli import train as train_cli
+from dcad.cli import ui as ui_cli
 from dcad.cli.console import err_console
 from dcad.core.errors import DcadError
 
@@ -23,6 +28,11 @@ app = typer.Typer(
 app.add_typer(data_cli.app, name="data")
 train_cli.register(app)
 predict_cli.register(app)
+leaderboard_cli.register(app)
+promote_cli.register(app)
+app.add_typer(models_cli.app, name="models")
+ui_cli.register(app)
+log_cli.register(app)
 
 
 def _version(value: bool) -> None:

@@ -84,7 +84,9 @@ def check(
 
     with _progress() as bar:
         task = bar.add_task("checking", total=None)
-        summary = check_dataset(directory, layout, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        summary = check_dataset(
+            directory, layout, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
     if as_json:
         _print_json(summary)
         return
@@ -92,7 +94,8 @@ def check(
     console.print(_defect_table(summary))
     for name, entry in summary["categories"].items():
         if entry["empty_masks"]:
-            err_console.print(f"[yellow]warning:[/] {name}: {entry['empty_masks']} anomalous image(s) with an empty mask")
+            count = entry["empty_masks"]
+            err_console.print(f"[yellow]warning:[/] {name}: {count} anomalous image(s) with an empty mask")
 
 
 def _check_table(summary: dict) -> Table:
@@ -102,7 +105,8 @@ def _check_table(summary: dict) -> Table:
     for name, entry in summary["categories"].items():
         test = entry["test"]
         anomalous = sum(v for k, v in test.items() if k != "good")
-        table.add_row(name, str(entry["train"]), str(test.get("good", 0)), str(anomalous), str(len(test) - ("good" in test)),
+        n_types = len(test) - ("good" in test)
+        table.add_row(name, str(entry["train"]), str(test.get("good", 0)), str(anomalous), str(n_types),
                       f"{100 * entry['mask_coverage']:.2f} %", ", ".join(entry["sizes"]))
     totals = summary["totals"]
     table.add_section()

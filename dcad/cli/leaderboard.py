@@ -23,11 +23,13 @@ def leaderboard(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Rank tracked runs by a metric."""
+    from dcad.platform.errors import store_errors
     from dcad.platform.leaderboard import build_leaderboard
     from dcad.platform.store import open_store
 
     uri, client = open_store(tracking_uri)
-    board = build_leaderboard(client, uri, experiment, parent, metric, top, ascending)
+    with store_errors("searching runs failed"):
+        board = build_leaderboard(client, uri, experiment, parent, metric, top, ascending)
     if json_out:
         console.print_json(json.dumps(board.to_dict(), allow_nan=True))
         return

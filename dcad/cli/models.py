@@ -25,8 +25,11 @@ def list_cmd(
     from dcad.platform.registry import list_models
     from dcad.platform.store import open_store
 
+    from dcad.platform.errors import store_errors
+
     _, client = open_store(tracking_uri)
-    rows = list_models(client)
+    with store_errors("listing registered models failed"):
+        rows = list_models(client)
     if json_out:
         console.print_json(json.dumps(rows))
         return
@@ -49,8 +52,11 @@ def show_cmd(
     from dcad.platform.registry import show_model
     from dcad.platform.store import open_store
 
+    from dcad.platform.errors import store_errors
+
     _, client = open_store(tracking_uri)
-    info = show_model(client, name)
+    with store_errors(f"reading registered model '{name}' failed"):
+        info = show_model(client, name)
     if json_out:
         console.print_json(json.dumps(info, allow_nan=True))
         return

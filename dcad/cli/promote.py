@@ -30,7 +30,7 @@ def promote(
     """Register a run's model and move an alias to it through the quality gate (or roll the alias back)."""
     from dcad.core.metrics import METRIC_KEYS
     from dcad.platform import registry
-    from dcad.platform.errors import GateRefusedError, RegistryError
+    from dcad.platform.errors import GateRefusedError, RegistryError, store_errors
     from dcad.platform.store import open_store
 
     unknown = sorted(set(gate_metric) - set(METRIC_KEYS))
@@ -40,7 +40,8 @@ def promote(
     if rollback:
         if run:
             raise RegistryError("--rollback takes no --run")
-        old, new = registry.rollback(client, name, alias)
+        with store_errors(f"rollback of {name}@{alias} failed", RegistryError):
+            old, new = registry.rollback(client, name, alias)
         console.print(f"{name}@{alias}: rolled back from version {old} to version {new}")
         return
     if not run:
@@ -49,7 +50,8 @@ def promote(
 
     request = registry.PromotionRequest(name, run, alias, data, tolerance, tuple(gate_metric), force, not reevaluate)
     evaluate = uri_evaluator(uri, device, on_start=lambda u: err_console.print(f"[cyan]▸[/] evaluating {u}"))
-    result = registry.promote(client, request, evaluate)
+    with store_errors(f"promotion of run {run} to {name}@{alias} failed", RegistryError):
+        result = registry.promote(client, request, evaluate)
     _report(result, json_out)
     if not result.moved:
         raise GateRefusedError(

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from dcad.cli import train_ray
 from dcad.cli.console import console, err_console
 from dcad.cli.tracking import (
     EXPERIMENT_OPTION,
@@ -73,29 +74,44 @@ def train(
     run_name: Optional[str] = RUN_NAME_OPTION,
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     no_track: bool = NO_TRACK_OPTION,
+    workers: Optional[int] = train_ray.WORKERS_OPTION,
+    cpus_per_worker: float = train_ray.CPUS_OPTION,
+    gpus_per_worker: float = train_ray.GPUS_OPTION,
+    address: Optional[str] = train_ray.ADDRESS_OPTION,
+    storage: Optional[str] = train_ray.STORAGE_OPTION,
+    name: Optional[str] = train_ray.NAME_OPTION,
+    max_failures: int = train_ray.MAX_FAILURES_OPTION,
 ) -> None:
     """Train one multi-class DRDC model, evaluate it once on the test split, write the model directory."""
+    ray_plan = None  # checked first: a wrong --address/--storage fails before torch is even imported
+    if workers:
+        ray_plan = train_ray.plan(workers, cpus_per_worker, gpus_per_worker, address, storage, name, max_failures, output, resume)
     from dcad.cli.common import metrics_table, prepare_output_dir, progress_bar, write_json
     from dcad.core.data import build_splits
     from dcad.core.inference import evaluate
     from dcad.core.model.model_dir import save_model
     from dcad.train.pipeline import resolve_device, train_drdc
 
-    tracking = CommandTracking.begin(not no_track, tracking_uri, experiment, run_name, "train")
+    tracking = train_ray.begin_tracking(not no_track, tracking_uri, experiment, run_name, ray_plan)
     cfg = _load_cfg(profile, config, overrides)
     splits = build_splits(data, cfg.data)
-    prepare_output_dir(output, overwrite, keep=resume)
+    prepare_output_dir(output, overwrite, keep=resume or (ray_plan is not None and ray_plan.previous is not None))
     dev = resolve_device(device)
     err_console.print(
         f"dcad train: profile [bold]{cfg.profile}[/], {len(splits.categories)} categories, "
         f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, device {dev}"
     )
-    tracking.log_training_inputs(cfg, splits.index, data, output)
+    if ray_plan is None or ray_plan.previous is None:
+        tracking.log_training_inputs(cfg, splits.index, data, output)
     start = time.perf_counter()
-    with progress_bar() as progress:
-        hooks = _hooks(progress)
-        hooks.on_epoch = tracking.wrap_epoch(hooks.on_epoch)
-        model, val_metrics = train_drdc(cfg, splits, device=dev, checkpoint_dir=output / "checkpoints", resume=resume, hooks=hooks)
+    if ray_plan is not None:
+        model, val_metrics, history = train_ray.train(cfg, data, ray_plan, tracking, dev)
+    else:
+        with progress_bar() as progress:
+            hooks = _hooks(progress)
+            hooks.on_epoch = tracking.wrap_epoch(hooks.on_epoch)
+            model, val_metrics = train_drdc(cfg, splits, device=dev, checkpoint_dir=output / "checkpoints", resume=resume, hooks=hooks)
+        history = hooks.history
     train_s = time.perf_counter() - start
     save_model(
         model,
@@ -110,7 +126,7 @@ def train(
     result["timing"] = {"train_seconds": train_s, "eval_seconds": eval_s, "ms_per_image": 1000 * eval_s / max(1, len(splits.test))}
     result["validation"] = val_metrics
     write_json(output / "metrics.json", result)
-    write_json(output / "history.json", {"epochs": hooks.history})
+    write_json(output / "history.json", {"epochs": history})
     if json_out:
         write_json(json_out, result)
     console.print(metrics_table(result, title=f"Test metrics ({output})"))

@@ -10,7 +10,6 @@ Output: one row per image: `score`, `normalized_score` (threshold -> 0.5), `deci
 anomalous), `category`, `anomaly_map` (S x S floats at the model's resolution).
 """
 
-from __future__ import annotations
 
 import os
 import tempfile
@@ -33,12 +32,12 @@ class DcadPyfuncModel(mlflow.pyfunc.PythonModel):
 
         self.model = load_model(context.artifacts[MODEL_DIR_ARTIFACT], os.environ.get(DEVICE_ENV, "cpu"))
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow's signature)
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        # A DataFrame hint tells MLflow to validate with the logged signature, not with type hints.
         frame = _as_frame(model_input)
         batch_size = int((params or {}).get("batch_size") or DEFAULT_BATCH_SIZE)
         images = decode_images(list(frame["image"]))
-        categories = _categories(frame)
-        return score_images(self.model, images, categories, batch_size)
+        return score_images(self.model, images, _categories(frame), batch_size)
 
 
 def _as_frame(model_input) -> pd.DataFrame:

@@ -181,24 +181,33 @@ def promote(client, request: PromotionRequest, evaluate: Evaluate) -> PromotionR
     version = _version_for(client, request.name, run, model_id)
     moved = gate.passed or request.force
     result = PromotionResult(
-        request.name, request.alias, version.version, holder.version if holder else None, gate, moved,
+        request.name, request.alias, str(version.version), str(holder.version) if holder else None, gate, moved,
         request.force and not gate.passed, data, candidate=candidate,
     )
-    if holder is not None and holder.version == version.version:
-        result.notes.append(f"version {version.version} already holds '{request.alias}'")
+    if result.previous == result.version:
+        result.notes.append(f"version {result.version} already holds '{request.alias}'")
     if run.data.tags.get("dcad.dataset_digest") not in (None, digest):
         result.notes.append(f"evaluated on {data}, which differs from the run's training dataset")
     _tag_version(client, request, run, result, candidate, digest)
     if moved:
-        client.set_registered_model_alias(request.name, request.alias, version.version)
+        client.set_registered_model_alias(request.name, request.alias, result.version)
         _record(client, request.name, request.alias, "promote", version.version, result.previous, push=True)
     return result
+
+
+def version_model_id(version) -> str | None:
+    """The logged model behind a version (database stores leave `model_id` empty; the source names it)."""
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return model_id
+    source = version.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") else None
 
 
 def _version_for(client, name: str, run, model_id: str):
     """The existing version of this logged model, else a new one."""
     for mv in client.search_model_versions(f"name='{name}'"):
-        if getattr(mv, "model_id", None) == model_id:
+        if version_model_id(mv) == model_id:
             return mv
     return client.create_model_version(
         name, source=f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id,
@@ -346,7 +355,7 @@ def show_model(client, name: str) -> dict:
         tags = mv.tags or {}
         versions.append(
             {
-                "version": mv.version,
+                "version": str(mv.version),
                 "aliases": sorted(by_version.get(str(mv.version), [])),
                 "run_id": mv.run_id,
                 "created": _iso(mv.creation_timestamp),

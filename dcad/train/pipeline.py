@@ -1,7 +1,9 @@
 """Train a DRDC model end to end on one process: prototypes → base stage → refiner stage → calibration.
 
 Each stage runs through `fit_stage` and is checkpointed at every epoch under `checkpoint_dir`, so an
-interrupted run resumes where it stopped (`resume=True`). Distributed runners reuse the same stages.
+interrupted run resumes where it stopped (`resume=True`). A distributed runner (`dcad.platform.ray_train`)
+calls `train_drdc` on every worker with a `TrainRole`: all ranks train (the role's `wrap_module` wraps the
+trained module in DDP); only the chief validates, writes checkpoints and calibrates.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from dcad.core.config import DCADConfig
 from dcad.core.data import Splits
@@ -30,6 +33,15 @@ from dcad.train.refiner_stage import RefinerStage
 from dcad.train.stage import EpochCallback, EpochReport, StepCallback
 
 PhaseCallback = Callable[[str], None]
+ModuleWrapper = Callable[[nn.Module], nn.Module]
+
+
+@dataclass(frozen=True)
+class TrainRole:
+    """This process's part in a training. In-process training is the default: one chief, no wrapper."""
+
+    chief: bool = True  # validates, writes checkpoints under checkpoint_dir, calibrates
+    wrap_module: ModuleWrapper | None = None  # e.g. DistributedDataParallel, applied by `fit_stage`
 
 
 @dataclass
@@ -143,7 +155,7 @@ def _resume_state(checkpoint_dir: Path | None, stage: str, resume: bool) -> dict
     return load_checkpoint(path) if path.exists() else None
 
 
-def _run_stage(stage, stage_cfg, cfg: DCADConfig, device, checkpoint_dir, resume, hooks) -> None:
+def _run_stage(stage, stage_cfg, cfg: DCADConfig, device, checkpoint_dir, resume, hooks, role: TrainRole) -> None:
     state = _resume_state(checkpoint_dir, stage.name, resume)
     if state is not None and state["epoch"] >= stage_cfg.epochs:
         stage.module().load_state_dict(state["model"])
@@ -157,9 +169,10 @@ def _run_stage(stage, stage_cfg, cfg: DCADConfig, device, checkpoint_dir, resume
         device,
         seed=cfg.train.seed,
         amp=cfg.train.amp,
-        on_epoch=_checkpointing(checkpoint_dir, hooks),
+        on_epoch=_checkpointing(checkpoint_dir if role.chief else None, hooks),
         on_step=hooks.on_step,
         resume=state,
+        wrap_module=role.wrap_module,
     )
 
 
@@ -171,22 +184,29 @@ def train_drdc(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     hooks: TrainHooks | None = None,
+    role: TrainRole | None = None,
 ) -> tuple[DRDC, dict[str, float]]:
-    """Train both stages and calibrate on validation; returns the model and its validation metrics."""
+    """Train both stages and calibrate on validation; returns the model and its validation metrics.
+
+    A non-chief `role` trains only: its model is left uncalibrated and its metrics are empty.
+    """
     hooks = hooks or TrainHooks()
+    role = role or TrainRole()
     seed_everything(cfg.train.seed)
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and role.chief:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     bs = cfg.train.eval_batch_size
     model = DRDC(cfg, splits.categories).to(device)
     hooks.phase("prototypes and feature cache")
     set_prototypes(model, splits.train, bs, device)
     cache = compute_features(model.backbone, splits.train, bs, device)
-    val = _ValidationSet(model, splits.val, bs, device, cfg.train.val_max_images)
+    val = _ValidationSet(model, splits.val, bs, device, cfg.train.val_max_images) if role.chief else None
 
     hooks.phase("base branch")
-    base_stage = BaseStage(model.base, cache, validate_fn=val.base_metrics)
-    _run_stage(base_stage, cfg.train.base, cfg, device, checkpoint_dir, resume, hooks)
+    # validation scores the plain module (never a DDP wrapper, whose forward would wait for the other ranks)
+    base_validate = (lambda _module: val.base_metrics(model.base)) if val is not None else None
+    base_stage = BaseStage(model.base, cache, validate_fn=base_validate)
+    _run_stage(base_stage, cfg.train.base, cfg, device, checkpoint_dir, resume, hooks, role)
     model.eval()
     fit_base_statistics(model, splits.val, bs, device)
 
@@ -201,10 +221,12 @@ def train_drdc(
             images,
             base_maps,
             cats,
-            validate_fn=(lambda _m: val.full_metrics(splits.val, bs)) if cfg.train.validate_refiner else None,
+            validate_fn=(lambda _m: val.full_metrics(splits.val, bs)) if val is not None and cfg.train.validate_refiner else None,
         )
-        _run_stage(refiner_stage, cfg.train.refiner, cfg, device, checkpoint_dir, resume, hooks)
+        _run_stage(refiner_stage, cfg.train.refiner, cfg, device, checkpoint_dir, resume, hooks, role)
 
+    if not role.chief:
+        return model, {}
     hooks.phase("calibration on the validation split")
     model.eval()
     val_metrics = calibrate(model, splits.val, bs, device)

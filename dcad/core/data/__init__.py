@@ -45,10 +45,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from dcad.core.data.check import check_dataset
-    from dcad.core.data.dataset import AnomalyDataset
-    from dcad.core.data.defects import DEFECTS, SUBTLE
-    from dcad.core.data.images import load_image, load_mask
-    from dcad.core.data.records import IMAGE_EXTENSIONS, LAYOUTS, DatasetIndex, Record, open_dataset
-    from dcad.core.data.synth import CATEGORIES, synthesize
-    from dcad.core.data.validation import Splits, ValidationDataset, build_splits, split_validation
+    from dcad.core.data.check import check_dataset  # noqa: F401
+    from dcad.core.data.dataset import AnomalyDataset  # noqa: F401
+    from dcad.core.data.defects import DEFECTS, SUBTLE  # noqa: F401
+    from dcad.core.data.images import load_image, load_mask  # noqa: F401
+    from dcad.core.data.records import IMAGE_EXTENSIONS, LAYOUTS, DatasetIndex, Record, open_dataset  # noqa: F401
+    from dcad.core.data.synth import CATEGORIES, synthesize  # noqa: F401
+    from dcad.core.data.validation import Splits, ValidationDataset, build_splits, split_validation  # noqa: F401

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from dcad.core.data.images import load_image, load_mask
 from dcad.core.data.records import NORMAL, Record, open_dataset
@@ -37,7 +37,9 @@ def check_dataset(root: str | Path, layout: str = "auto", progress: Progress | N
     """
     index = open_dataset(root, layout)
     records = index.records
-    stats: dict[str, dict] = {c: {"train": 0, "test": Counter(), "coverage": [], "sizes": set()} for c in index.categories}
+    stats: dict[str, dict] = {
+        cat: {"train": 0, "test": Counter(), "coverage": [], "sizes": set()} for cat in index.categories
+    }
     for done, record in enumerate(records, start=1):
         size, coverage = _check_record(record)
         entry = stats[record.category]

@@ -60,7 +60,7 @@ class AnomalyDataset(Dataset):
         self._index = category_indices(self.categories)
         missing = sorted({r.category for r in self.records} - set(self._index))
         if missing:
-            raise DatasetError(f"records of categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} not in {self.categories}")
+            raise DatasetError(f"records of categories {', '.join(missing)} not in the category list {self.categories}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -69,7 +69,10 @@ class AnomalyDataset(Dataset):
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
 
-    def sample(self, record: Record, image: torch.Tensor, mask: torch.Tensor, label: int, defect: str) -> dict[str, Any]:
+    def sample(
+        self, record: Record, image: torch.Tensor, mask: torch.Tensor, label: int, defect: str
+    ) -> dict[str, Any]:
+        """The item dict for `record` with the given (already resized) image and mask."""
         return {
             "image": image,
             "mask": mask,
@@ -83,6 +86,5 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         image, mask = load_pair(record)
-        return self.sample(
-            record, resize_image(image, self.image_size), resize_mask(mask, self.image_size), record.label, record.defect_type
-        )
+        size = self.image_size
+        return self.sample(record, resize_image(image, size), resize_mask(mask, size), record.label, record.defect_type)

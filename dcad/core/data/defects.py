@@ -11,19 +11,21 @@ defects are placed on the object and clipped to it. Every defect covers at least
 image (retried with fresh random draws until it does).
 
 Defects:
-- ``scratch``: a thin polyline (1-3 px), strongly brighter or darker.
-- ``faint_scratch`` (subtle): a 1-2 px polyline changed by only 5-9 % of the intensity range.
-- ``hole``: a dark (or, on dark surfaces, bright) ellipse with a shaded interior.
-- ``stain``: an irregular soft-edged blob tinted towards brown (or pale on dark surfaces), 30-55 %.
-- ``faint_stain`` (subtle): the same blob shifted by only 5-9 % of the range.
-- ``cut_paste``: an irregular patch copied from elsewhere in the image, rotated and magnified 1.5-2.2×.
+- ``scratch``: a thin polyline (1.5-3.5 px), strongly brighter or darker.
+- ``faint_scratch`` (subtle): a 1-2 px polyline changed by only 7-10 % of the intensity range.
+- ``hole``: a dark (or, on very dark surfaces, bright) ellipse with a shaded interior.
+- ``stain``: an irregular soft-edged blob tinted 35-55 % towards rust, ink or ochre (whichever
+  differs most from the surface).
+- ``faint_stain`` (subtle): the same blob shifted by only 7-10 % of the range.
+- ``cut_paste``: an irregular patch copied from elsewhere in the image, rotated, magnified 1.5-2.2×
+  and 15-30 % darker or brighter.
 - ``missing_part``: a bite out of the object's outline, filled with the fitted background; on an
   image without a detectable object (a texture) it falls back to ``hole``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -61,14 +63,27 @@ def _valid(img: np.ndarray, out: np.ndarray, mask: np.ndarray, min_change: float
     return float(np.abs(out - img).max(axis=2)[mask].mean()) >= min_change
 
 
-def _retry(img: np.ndarray, rng: np.random.Generator, build: Callable, min_change: float) -> tuple[np.ndarray, np.ndarray]:
-    """Draw `build(img, rng)` until the defect is large and visible enough; fall back to a plain hole."""
+def _retry(
+    img: np.ndarray, rng: np.random.Generator, build: Callable, min_change: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw `build(img, rng)` until the defect is large and visible enough; fall back to a solid blot."""
     img = np.asarray(img, dtype=np.float32)
     for _ in range(ATTEMPTS):
         out, mask = build(img, rng)
         if _valid(img, out, mask, min_change):
             return out, mask
-    return _build_hole(img, rng, on_object=False)
+    return _blot(img, rng)
+
+
+def _blot(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An ellipse filled with black or white (the opposite of its surroundings): never an empty mask."""
+    h, w = img.shape[:2]
+    radius = max(2.0, 0.08 * min(h, w))
+    cy, cx = pick_point(rng, (h, w), None, margin=radius)
+    alpha = coverage(ellipse_sdf((h, w), cy, cx, radius, radius * rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)))
+    region = alpha >= 0.5
+    fill = 0.0 if _target_room(img, region) < 0 else 1.0
+    return _finish(img, img + alpha[..., None] * (fill - img), region)
 
 
 def _target_room(img: np.ndarray, region: np.ndarray, dark_below: float = 0.5) -> float:
@@ -95,7 +110,7 @@ def _polyline(rng: np.random.Generator, shape: tuple[int, int], fg: np.ndarray |
     size = min(shape)
     start = pick_point(rng, shape, _placement(fg, max(1, size // 16)), margin=size * 0.2)
     n_seg = int(rng.integers(2, 5))
-    step = rng.uniform(0.3, 0.5) * size / n_seg
+    step = rng.uniform(0.35, 0.6) * size / n_seg
     heading = rng.uniform(0, 2 * np.pi)
     points = [np.array(start)]
     for _ in range(n_seg):
@@ -106,14 +121,14 @@ def _polyline(rng: np.random.Generator, shape: tuple[int, int], fg: np.ndarray |
 
 def _build_scratch(img: np.ndarray, rng: np.random.Generator, faint: bool) -> tuple[np.ndarray, np.ndarray]:
     fg = _object_mask(img)
-    width = rng.uniform(1.0, 2.0) if faint else rng.uniform(1.0, 3.0)
+    width = rng.uniform(1.0, 2.0) if faint else rng.uniform(1.5, 3.5)
     alpha = coverage(polyline_distance(img.shape[:2], _polyline(rng, img.shape[:2], fg)) - width / 2)
     if fg is not None:
         alpha *= fg
     region = alpha >= 0.5
     sign = _target_room(img, region)
     if faint:
-        out = img + (alpha * sign * rng.uniform(0.05, 0.09))[..., None]
+        out = img + (alpha * sign * rng.uniform(0.07, 0.1))[..., None]
     else:
         target = 0.95 if sign > 0 else 0.06
         out = img + (alpha * rng.uniform(0.6, 0.9))[..., None] * (target - img)
@@ -136,14 +151,14 @@ def _build_hole(img: np.ndarray, rng: np.random.Generator, on_object: bool = Tru
     size = min(h, w)
     fg = _object_mask(img) if on_object else None
     cy, cx = pick_point(rng, (h, w), _placement(fg, max(1, size // 12)), margin=size * 0.12)
-    a = rng.uniform(0.035, 0.075) * size
+    a = rng.uniform(0.045, 0.085) * size
     b = a * rng.uniform(0.6, 1.0)
     angle = rng.uniform(0, np.pi)
     sdf = ellipse_sdf((h, w), cy, cx, a, b, angle)
     alpha = coverage(sdf)
     region = alpha >= 0.5
     depth = np.clip(-sdf / max(b, 1.0), 0.0, 1.0)[..., None]  # 0 at the rim, 1 at the centre
-    if _target_room(img, region, dark_below=0.3) > 0:
+    if _target_room(img, region, dark_below=0.2) > 0:
         inside = 0.75 + 0.2 * depth + 0.05 * img  # bright hole on a dark surface
     else:
         inside = 0.22 - 0.16 * depth + 0.1 * img
@@ -163,19 +178,27 @@ def _build_stain(img: np.ndarray, rng: np.random.Generator, faint: bool) -> tupl
     size = min(h, w)
     fg = _object_mask(img)
     cy, cx = pick_point(rng, (h, w), _placement(fg, max(1, size // 10)), margin=size * 0.15)
-    alpha = coverage(blob_sdf((h, w), cy, cx, rng.uniform(0.06, 0.12) * size, rng), ramp=2.0)
+    alpha = coverage(blob_sdf((h, w), cy, cx, rng.uniform(0.07, 0.13) * size, rng), ramp=2.0)
     if fg is not None:
         alpha *= fg
     region = alpha >= 0.5
     strength = alpha * (0.8 + 0.2 * smooth_noise((h, w), rng, sigma=max(1.0, size / 32)))
-    sign = _target_room(img, region)
     if faint:
-        tint = np.array([1.0, 0.9, 0.7], np.float32) * rng.uniform(0.05, 0.09)
-        out = img + (strength * sign)[..., None] * tint
+        tint = np.array([1.0, 0.9, 0.7], np.float32) * rng.uniform(0.07, 0.1)
+        out = img + (strength * _target_room(img, region))[..., None] * tint
     else:
-        colour = np.array([0.85, 0.78, 0.5] if sign > 0 else [0.3, 0.18, 0.06], np.float32)
+        colour = _stain_colour(img, region)
         out = img + (strength * rng.uniform(0.35, 0.55))[..., None] * (colour - img)
     return _finish(img, out, region)
+
+
+STAIN_COLOURS = np.array([[0.55, 0.2, 0.05], [0.2, 0.3, 0.75], [0.85, 0.75, 0.2]], np.float32)
+
+
+def _stain_colour(img: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Of rust, ink and ochre, the colour farthest from the region's mean colour."""
+    mean = img[region].mean(axis=0) if region.any() else img.reshape(-1, 3).mean(axis=0)
+    return STAIN_COLOURS[int(np.argmax(np.abs(STAIN_COLOURS - mean).sum(axis=1)))]
 
 
 def stain(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +216,7 @@ def _build_cut_paste(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
     h, w = img.shape[:2]
     size = min(h, w)
     fg = _object_mask(img)
-    radius = rng.uniform(0.07, 0.12) * size
+    radius = rng.uniform(0.08, 0.13) * size
     dy, dx = pick_point(rng, (h, w), _placement(fg, max(1, size // 10)), margin=radius)
     sy, sx = pick_point(rng, (h, w), fg, margin=radius)
     angle, zoom = rng.uniform(0, 2 * np.pi), rng.uniform(1.5, 2.2)
@@ -204,6 +227,7 @@ def _build_cut_paste(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
     pasted = np.stack(
         [ndimage.map_coordinates(img[..., ch], [src_y, src_x], order=1, mode="reflect") for ch in range(3)], axis=2
     )
+    pasted *= rng.uniform(0.7, 0.85) if rng.random() < 0.5 else rng.uniform(1.15, 1.3)  # different lighting
     alpha = coverage(blob_sdf((h, w), dy, dx, radius, rng, wobble=0.25))
     out = img + alpha[..., None] * (pasted - img)
     return _finish(img, out, alpha >= 0.5)
@@ -216,6 +240,20 @@ def cut_paste(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
 # ---- missing part ---------------------------------------------------------------------------
 
 
+def _fragments(solid: np.ndarray, cut: np.ndarray) -> np.ndarray:
+    """Pieces of the object (largest part of `solid`) that the `cut` separates from it, grown by 1 px."""
+    labels, count = ndimage.label(solid)
+    if count == 0:
+        return np.zeros(solid.shape, np.float32)
+    body = labels == 1 + int(np.argmax(ndimage.sum(solid, labels, index=np.arange(1, count + 1))))
+    parts, n_parts = ndimage.label(body & ~cut)
+    if n_parts < 2:
+        return np.zeros(solid.shape, np.float32)
+    largest = 1 + int(np.argmax(ndimage.sum(body, parts, index=np.arange(1, n_parts + 1))))
+    loose = (parts > 0) & (parts != largest)
+    return ndimage.binary_dilation(loose, iterations=1).astype(np.float32)
+
+
 def _build_missing_part(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     backdrop = estimate_backdrop(img)
     fg = backdrop.foreground
@@ -225,7 +263,9 @@ def _build_missing_part(img: np.ndarray, rng: np.random.Generator) -> tuple[np.n
     outline = fg & ~ndimage.binary_erosion(fg)
     cy, cx = pick_point(rng, (h, w), outline, margin=0)
     bite = coverage(blob_sdf((h, w), cy, cx, rng.uniform(0.08, 0.14) * min(h, w), rng, wobble=0.2))
-    alpha = bite * ndimage.binary_dilation(fg, iterations=1)
+    solid = backdrop.distance > max(0.03, 4.0 * backdrop.spread)  # the object, thin parts and edges included
+    alpha = bite * ndimage.binary_dilation(solid, iterations=1)
+    alpha = np.maximum(alpha, _fragments(solid, alpha >= 0.5))  # no floating leftovers
     out = img + alpha[..., None] * (backdrop.plane - img)
     return _finish(img, out, alpha >= 0.5)
 

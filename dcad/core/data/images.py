@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dcad.core.data.records import IMAGE_EXTENSIONS
 from dcad.core.errors import DatasetError
+
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "load_mask", "save_png"]
 
 
 def _open(path: Path, what: str) -> Image.Image:

@@ -59,10 +59,7 @@ def read_dataset(root: Path, layout: str, categories: list[str] | None) -> Datas
     if layout == "auto":
         layout = detect_layout(root)
     wanted = _check_categories(root, layout, categories)
-    if layout == "visa":
-        records = read_visa(root, wanted)
-    else:
-        records = read_tree(root, TREE_LAYOUTS[layout], wanted)
+    records = read_visa(root, wanted) if layout == "visa" else read_tree(root, TREE_LAYOUTS[layout], wanted)
     found = sorted({r.category for r in records})
     if not found:
         raise DatasetError(f"{root}: no categories found for layout '{layout}' ({EXPECTED})")
@@ -126,6 +123,12 @@ def _check_categories(root: Path, layout: str, categories: list[str] | None) -> 
 # ---- tree layouts (mvtec, btad, folder) -------------------------------------------------------
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() else []
 
@@ -146,7 +149,9 @@ def _read_train(cat_dir: Path, spec: TreeLayout) -> list[Record]:
     train = cat_dir / "train"
     extras = sorted(p for p in train.iterdir() if p.is_dir() and p.name != spec.normal) if train.is_dir() else []
     if extras:
-        raise DatasetError(f"{extras[0]}: unexpected folder in the train split (train/ holds only '{spec.normal}' images)")
+        raise DatasetError(
+            f"{extras[0]}: unexpected folder in the train split (train/ holds only '{spec.normal}' images)"
+        )
     normal_dir = train / spec.normal
     images = list_images(normal_dir)
     if not images:
@@ -156,7 +161,7 @@ def _read_train(cat_dir: Path, spec: TreeLayout) -> list[Record]:
 
 def _read_test(cat_dir: Path, spec: TreeLayout) -> list[Record]:
     test = cat_dir / "test"
-    defect_dirs = sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")) if test.is_dir() else []
+    defect_dirs = _subfolders(test)
     _check_mask_folders(cat_dir / spec.masks, {d.name for d in defect_dirs}, spec)
     records: list[Record] = []
     for defect_dir in defect_dirs:
@@ -173,7 +178,7 @@ def _check_mask_folders(masks_root: Path, defects: set[str], spec: TreeLayout) -
     """A mask folder whose defect has no test folder holds masks without images."""
     if not masks_root.is_dir():
         return
-    for folder in sorted(p for p in masks_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in _subfolders(masks_root):
         if folder.name not in defects and folder.name != spec.normal and list_images(folder):
             raise DatasetError(f"{folder}: masks without images (no test/{folder.name} folder)")
 
@@ -196,7 +201,8 @@ def match_masks(images: list[Path], mask_dir: Path) -> dict[Path, Path]:
     stems = {image.stem for image in images}
     for mask in masks:
         if mask not in used and _mask_key(mask.stem) not in stems:
-            raise DatasetError(f"{mask}: mask without image (no {_mask_key(mask.stem)}.* in {images[0].parent if images else mask_dir})")
+            where = images[0].parent if images else mask_dir
+            raise DatasetError(f"{mask}: mask without image (no {_mask_key(mask.stem)}.* in {where})")
     return pairs
 
 
@@ -210,7 +216,8 @@ def _visa_rows(root: Path) -> list[tuple[int, dict[str, str]]]:
             reader = csv.DictReader(fh)
             missing = [c for c in VISA_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                raise DatasetError(f"{split_file}: missing column(s) {', '.join(missing)} (need {','.join(VISA_COLUMNS)})")
+                need = ",".join(VISA_COLUMNS)
+                raise DatasetError(f"{split_file}: missing column(s) {', '.join(missing)} (need {need})")
             return [(i + 2, {k: (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader)]
     except OSError as err:
         raise DatasetError(f"{split_file}: cannot read ({err.strerror})") from None

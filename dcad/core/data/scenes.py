@@ -14,9 +14,9 @@ added later by the generator (after any defect), so defects see the clean render
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import numpy as np
 import skimage.data
@@ -70,7 +70,7 @@ def _centre(rng: np.random.Generator, size: int) -> tuple[float, float]:
 # ---- textures -------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def source_photo(name: str) -> np.ndarray:
     """A greyscale photograph shipped with scikit-image, as float32 in [0, 1] (loaded once)."""
     photo = img_as_float32(getattr(skimage.data, name)())
@@ -81,14 +81,14 @@ def source_photo(name: str) -> np.ndarray:
 @dataclass(frozen=True)
 class Texture:
     photo: str
-    crop: float  # crop side as a fraction of the photo side (before ±8 % jitter)
+    crop: float  # crop side as a fraction of the photo side (before ±4 % jitter)
     dark: tuple[float, float, float]  # colour of black in the tint
     light: tuple[float, float, float]  # colour of white in the tint
     isotropic: bool
 
     def __call__(self, rng: np.random.Generator, size: int) -> np.ndarray:
         photo = source_photo(self.photo)
-        side = int(min(photo.shape[0], round(self.crop * photo.shape[0] * rng.uniform(0.92, 1.08))))
+        side = int(min(photo.shape[0], round(self.crop * photo.shape[0] * rng.uniform(0.96, 1.04))))
         y0, x0 = (int(rng.integers(0, n - side + 1)) for n in photo.shape[:2])
         crop = photo[y0 : y0 + side, x0 : x0 + side]
         if self.isotropic:
@@ -98,7 +98,7 @@ class Texture:
         if rng.random() < 0.5:
             crop = crop[::-1]
         grey = resize(crop, (size, size), order=1, anti_aliasing=True).astype(np.float32)
-        grey = (grey - 0.5) * rng.uniform(0.93, 1.07) + 0.5 + rng.uniform(-0.03, 0.03)
+        grey = (grey - 0.5) * rng.uniform(0.96, 1.04) + 0.5 + rng.uniform(-0.025, 0.025)
         dark, light = _jitter(self.dark, rng, 0.015), _jitter(self.light, rng, 0.02)
         rgb = dark + grey[..., None] * (light - dark)
         return np.clip(rgb * _ramp(rng, size, 0.03), 0.0, 1.0).astype(np.float32)
@@ -116,7 +116,8 @@ def hex_nut(rng: np.random.Generator, size: int) -> np.ndarray:
     apothem = radius * np.cos(np.pi / 6)
     angle = rng.uniform(0, np.pi / 3)
     dy, dx = yy - cy, xx - cx
-    hexagon = np.max([np.abs(dx * np.cos(angle + k * np.pi / 3) + dy * np.sin(angle + k * np.pi / 3)) for k in range(3)], axis=0) - apothem
+    normals = [angle + k * np.pi / 3 for k in range(3)]
+    hexagon = np.max([np.abs(dx * np.cos(a) + dy * np.sin(a)) for a in normals], axis=0) - apothem
     r = np.hypot(dy, dx)
     hole_r = 0.42 * apothem * rng.uniform(0.96, 1.04)
     body = coverage(np.maximum(hexagon, hole_r - r))
@@ -150,15 +151,17 @@ def capsule(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(_blend(img, pill, body), 0.0, 1.0).astype(np.float32)
 
 
-SUPERSAMPLE = 4
+def supersampling(size: int) -> int:
+    """Sub-samples per pixel side for the gear: 4 up to 128 px, fewer for larger images (same cost)."""
+    return max(2, min(4, 512 // size))
 
 
 def _gear_coverage(rng: np.random.Generator, size: int, cy: float, cx: float) -> np.ndarray:
-    """Fraction of each pixel covered by the gear (4×4 supersampled), with bore, keyway and holes."""
-    fine = size * SUPERSAMPLE
-    yy, xx = grid(fine, fine)
-    dy = (yy + 0.5) / SUPERSAMPLE - 0.5 - cy
-    dx = (xx + 0.5) / SUPERSAMPLE - 0.5 - cx
+    """Fraction of each pixel covered by the gear (supersampled), with bore, keyway and holes."""
+    factor = supersampling(size)
+    yy, xx = grid(size * factor, size * factor)
+    dy = (yy + 0.5) / factor - 0.5 - cy
+    dx = (xx + 0.5) / factor - 0.5 - cx
     r, theta = np.hypot(dy, dx), np.arctan2(dy, dx)
     scale = rng.uniform(0.96, 1.04)
     root, tip, teeth = 0.29 * size * scale, 0.37 * size * scale, 12
@@ -174,7 +177,7 @@ def _gear_coverage(rng: np.random.Generator, size: int, cy: float, cx: float) ->
     for k in range(5):
         a = phase + (k + 0.5) * 2 * np.pi / 5
         solid &= np.hypot(dy - 0.19 * size * scale * np.sin(a), dx - 0.19 * size * scale * np.cos(a)) > 0.045 * size
-    return solid.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3)).astype(np.float32)
+    return solid.reshape(size, factor, size, factor).mean(axis=(1, 3)).astype(np.float32)
 
 
 def gear(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -195,10 +198,10 @@ def gear(rng: np.random.Generator, size: int) -> np.ndarray:
 CATEGORY_LIST: tuple[Category, ...] = (
     Category("brick", "texture", Texture("brick", 0.45, (0.12, 0.05, 0.03), (0.98, 0.7, 0.55), isotropic=False),
              ("scratch", "hole", "stain", "cut_paste", "faint_scratch"), noise=0.006),
-    Category("grass", "texture", Texture("grass", 0.4, (0.03, 0.1, 0.02), (0.75, 0.95, 0.5), isotropic=True),
-             ("scratch", "hole", "stain", "cut_paste", "faint_stain"), noise=0.006),
-    Category("gravel", "texture", Texture("gravel", 0.35, (0.08, 0.08, 0.09), (0.95, 0.92, 0.86), isotropic=True),
-             ("scratch", "hole", "stain", "cut_paste", "faint_scratch"), noise=0.006),
+    Category("grass", "texture", Texture("grass", 0.55, (0.03, 0.1, 0.02), (0.75, 0.95, 0.5), isotropic=True),
+             ("scratch", "hole", "stain", "cut_paste"), noise=0.006),
+    Category("gravel", "texture", Texture("gravel", 0.55, (0.08, 0.08, 0.09), (0.95, 0.92, 0.86), isotropic=True),
+             ("scratch", "hole", "stain", "cut_paste"), noise=0.006),
     Category("hex_nut", "object", hex_nut, ("scratch", "hole", "cut_paste", "missing_part", "faint_stain")),
     Category("capsule", "object", capsule, ("scratch", "hole", "stain", "missing_part", "faint_scratch")),
     Category("gear", "object", gear, ("scratch", "stain", "cut_paste", "missing_part", "faint_stain")),

@@ -52,7 +52,9 @@ def circle_sdf(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.nda
     return np.hypot(yy - cy, xx - cx) - r
 
 
-def blob_sdf(shape: tuple[int, int], cy: float, cx: float, radius: float, rng: np.random.Generator, wobble: float = 0.18) -> np.ndarray:
+def blob_sdf(
+    shape: tuple[int, int], cy: float, cx: float, radius: float, rng: np.random.Generator, wobble: float = 0.18
+) -> np.ndarray:
     """An irregular closed shape: a circle whose radius varies smoothly with the angle (harmonics 2-4)."""
     yy, xx = grid(*shape)
     dy, dx = yy - cy, xx - cx
@@ -91,6 +93,7 @@ class Backdrop:
 
     plane: np.ndarray  # float32 H×W×3 background colour everywhere
     spread: float  # robust noise level of the border
+    distance: np.ndarray  # float32 H×W: largest channel difference from the plane
     foreground: np.ndarray | None  # bool H×W, or None when the image is not one object on a plain background
 
 
@@ -114,10 +117,12 @@ def estimate_backdrop(img: np.ndarray) -> Backdrop:
     fg = ndimage.binary_opening(dist > max(0.1, 6.0 * spread), iterations=1)
     frac, border_frac = float(fg.mean()), float(fg[keep].mean())
     is_object = spread < 0.06 and 0.02 < frac < 0.85 and border_frac < 0.05
-    return Backdrop(plane=plane, spread=spread, foreground=fg if is_object else None)
+    return Backdrop(plane=plane, spread=spread, distance=dist, foreground=fg if is_object else None)
 
 
-def pick_point(rng: np.random.Generator, shape: tuple[int, int], region: np.ndarray | None, margin: float) -> tuple[float, float]:
+def pick_point(
+    rng: np.random.Generator, shape: tuple[int, int], region: np.ndarray | None, margin: float
+) -> tuple[float, float]:
     """A random (y, x): inside `region` (a bool map) when it has pixels, else uniformly `margin` from the edges."""
     h, w = shape
     if region is not None and region.any():

@@ -16,8 +16,8 @@ import json
 import shutil
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,9 @@ def defect_plan(category: Category, n_test: int) -> list[str]:
     return [NORMAL] * n_good + defects
 
 
-def render_sample(category: Category, size: int, rng: np.random.Generator, defect: str) -> tuple[np.ndarray, np.ndarray | None]:
+def render_sample(
+    category: Category, size: int, rng: np.random.Generator, defect: str
+) -> tuple[np.ndarray, np.ndarray | None]:
     """One uint8 image (and its bool mask for a defect): clean render, defect, then sensor noise."""
     img = category.render(rng, size)
     mask = None
@@ -66,7 +68,9 @@ def _check_args(seed: int, size: int, categories: list[str], n_train: int, n_tes
         raise DatasetError(f"size must be in [{MIN_SIZE}, {MAX_SIZE}] pixels, got {size}")
     unknown = [c for c in categories if c not in CATEGORY_MAP]
     if unknown or not categories:
-        raise DatasetError(f"unknown synthetic categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown) or '(none given)'} (available: {', '.join(CATEGORIES)})")
+        given = ", ".join(unknown) or "(none given)"
+        noun = "category" if len(unknown) == 1 else "categories"
+        raise DatasetError(f"unknown synthetic {noun} {given} (available: {', '.join(CATEGORIES)})")
     if n_train < 2:
         raise DatasetError(f"need at least 2 train images per category (one is held out for validation), got {n_train}")
     if n_test < 0:
@@ -81,13 +85,27 @@ def _prepare(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise DatasetError(f"{out}: directory is not empty (use --overwrite to replace a synthetic dataset)")
         if not (out / MARKER).is_file():
-            raise DatasetError(f"{out}: not empty and not written by `dcad data synth` (no {MARKER}); refusing to delete it")
+            raise DatasetError(
+                f"{out}: not empty and not written by `dcad data synth` (no {MARKER}); refusing to delete it"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
+class _Ticker:
+    """Counts written images and reports them to an optional progress callback."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, category: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(category, self.done, self.total)
+
+
 def _write_split(out: Path, category: Category, split: str, plan: list[str], size: int, seed: int,
-                 tick: Callable[[], None]) -> dict[str, int]:
+                 tick: _Ticker) -> dict[str, int]:
     counts: dict[str, int] = {}
     for index, defect in enumerate(plan):
         image, mask = render_sample(category, size, image_rng(seed, category.name, split, index), defect)
@@ -100,7 +118,7 @@ def _write_split(out: Path, category: Category, split: str, plan: list[str], siz
             mask_dir = out / category.name / "ground_truth" / defect
             mask_dir.mkdir(parents=True, exist_ok=True)
             save_png(mask_dir / f"{number:03d}_mask.png", mask)
-        tick()
+        tick(category.name)
     return counts
 
 
@@ -120,22 +138,15 @@ def synthesize(
     _check_args(seed, size, names, n_train, n_test)
     _prepare(out, overwrite)
     started = time.perf_counter()
-    total, done = len(names) * (n_train + n_test), 0
+    tick = _Ticker(len(names) * (n_train + n_test), progress)
     summary: dict[str, dict] = {}
     for name in names:
         category = CATEGORY_MAP[name]
-
-        def tick() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(name, done, total)
-
         train = _write_split(out, category, "train", [NORMAL] * n_train, size, seed, tick)
         test = _write_split(out, category, "test", defect_plan(category, n_test), size, seed, tick)
         summary[name] = {"kind": category.kind, "train": train.get(NORMAL, 0), "test": test}
     params = {"generator": "dcad data synth", "format": 1, "seed": seed, "size": size,
               "categories": names, "n_train": n_train, "n_test": n_test}
     (out / MARKER).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-    return {"root": str(out), "seed": seed, "size": size, "categories": summary, "images": total,
+    return {"root": str(out), "seed": seed, "size": size, "categories": summary, "images": tick.total,
             "seconds": round(time.perf_counter() - started, 3)}

@@ -120,7 +120,7 @@ class Splits:
     test: AnomalyDataset
 
 
-def build_splits(root: str | Path, data_cfg: "DataConfig", layout: str = "auto") -> Splits:
+def build_splits(root: str | Path, data_cfg: DataConfig, layout: str = "auto") -> Splits:
     """Open the dataset and build the three splits from the config's size, fractions and seed."""
     index = open_dataset(root, layout, data_cfg.categories)
     rest, val = split_validation(index.train, data_cfg.val_fraction, data_cfg.val_seed)

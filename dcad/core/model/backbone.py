@@ -177,7 +177,10 @@ def resolve_weights(name: str, weights: str) -> tuple[dict[str, Tensor] | None, 
         return None, "none (random)"
     if weights != "auto":
         path = Path(weights).expanduser()
-        return load_state_file(path), str(path)
+        state = load_state_file(path)
+        if name == LITE0_NAME and "_conv_stem.weight" in state:  # a Lite0 file in the original key names
+            return lite0_to_timm(state), f"{path} (mapped)"
+        return state, str(path)
     cached = cached_weights_file(name)
     if cached is not None:
         return load_state_file(cached), str(cached)

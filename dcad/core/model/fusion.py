@@ -1,0 +1,274 @@
+"""Spatio-temporal fusion of the refinement maps with the base map, and the image score.
+
+Refinement maps r(τ, s) are standardised with statistics of *normal* validation images
+(`RefinementStats`), averaged with weights w(τ, s), and combined with the standardised base map:
+
+- ``sum``:     λ·base + (1−λ)·R
+- ``product``: softplus(base)^λ · softplus(R)^(1−λ)   (a weighted geometric mean of positive parts:
+               high only where both branches agree)
+- ``gated``:   λ·base + (1−λ)·R·σ((base − k)/T)       (the refinement counts where the base already
+               suspects a defect; elsewhere the coarse but category-robust base decides). This keeps the
+               refinement's sharp response to thin, high-contrast defects inside a suspicious region and
+               stops its texture noise from creating false positives on normal areas and stains.
+
+then a Gaussian blur. The image score is the max of the average-pooled final map (UniAD).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms.functional import gaussian_blur as _tv_gaussian_blur
+
+from dcad.core.config import ConfigError, FusionConfig
+from dcad.core.errors import ModelError
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur over the last two dims (any leading dims); kernel 2⌈3σ⌉+1, reflect padding."""
+    if sigma <= 0:
+        return x
+    h, w = x.shape[-2:]
+    radius = min(math.ceil(3.0 * sigma), h - 1, w - 1)  # reflect padding needs radius < size
+    if radius < 1:
+        return x
+    flat = x.reshape(-1, 1, h, w)
+    out = _tv_gaussian_blur(flat, kernel_size=[2 * radius + 1] * 2, sigma=[float(sigma)] * 2)
+    return out.reshape(x.shape)
+
+
+def image_score(anomaly_map: Tensor, pool_kernel: int) -> Tensor:
+    """Max of the average-pooled map (stride 1); the kernel is clipped to the map size. [B,(1,)H,W] → [B]."""
+    maps = anomaly_map if anomaly_map.dim() == 4 else anomaly_map.unsqueeze(1)
+    k = max(1, min(pool_kernel, *maps.shape[-2:]))
+    return F.avg_pool2d(maps, kernel_size=k, stride=1).flatten(1).amax(dim=1)
+
+
+# ---- standardisation ------------------------------------------------------------------------------
+
+
+class RefinementStats(nn.Module):
+    """Mean/std of each refinement map r(τ, s), fitted on normal validation images.
+
+    ``mode="pixel"`` (default) keeps a mean and std per position, smoothed by a Gaussian
+    (``smooth_sigma`` px, which pools neighbouring pixels so a few images suffice) and stored at
+    1/``stride`` resolution. Why per position: inference noises every image with the *same* fixed noise,
+    so part of the refinement error is a fixed pattern per position, and aligned objects have edges
+    (hence HF reconstruction error) at the same places in every image — both are normal and are removed
+    by per-position statistics but not by one scalar. The std is floored at ``min_std_ratio`` × the
+    map's global std so a nearly constant position does not explode.
+    ``mode="scalar"``: one mean/std per map.
+
+    Statistics are kept per category when `fit` receives category indices (``(maps, categories)``
+    items), plus one pooled row used for unknown categories (and for every image when none are given).
+    Buffers are sized at `fit` (or when a state dict is loaded).
+    """
+
+    def __init__(
+        self,
+        num_timesteps: int,
+        num_scales: int,
+        mode: str = "pixel",
+        smooth_sigma: float = 4.0,
+        stride: int = 2,
+        min_std_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if mode not in ("pixel", "scalar"):
+            raise ConfigError(f"fusion.stats: unknown mode '{mode}' (pixel or scalar)")
+        self.num_timesteps, self.num_scales = num_timesteps, num_scales
+        self.mode, self.smooth_sigma, self.stride, self.min_std_ratio = mode, smooth_sigma, stride, min_std_ratio
+        shape = (1, num_timesteps, num_scales, 1, 1)
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+        self.register_buffer("count", torch.zeros(1))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @classmethod
+    def from_config(cls, num_timesteps: int, num_scales: int, cfg: FusionConfig) -> "RefinementStats":
+        return cls(num_timesteps, num_scales, mode=cfg.stats)
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted)
+
+    # -- fitting --
+    @torch.no_grad()
+    def fit(self, maps_iter: Iterable[Tensor | tuple[Tensor, Tensor]]) -> "RefinementStats":
+        """Items: refinement maps [B,T,S,H,W], or (maps, category_index [B]) for per-category rows."""
+        acc = _MomentAccumulator()
+        for item in maps_iter:
+            maps, cats = item if isinstance(item, (tuple, list)) else (item, None)
+            self._check_maps(maps)
+            acc.add(maps, cats)
+        if acc.total == 0:
+            raise ModelError("refinement statistics: no normal validation images to fit on")
+        mean, std, count = self._finalise(*acc.moments())
+        self._set(mean, std, count)
+        return self
+
+    def _finalise(self, s1: Tensor, s2: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n = count.clamp_min(1).reshape(-1, 1, 1, 1, 1)
+        mean_p, m2_p = s1 / n, s2 / n
+        g_mean = mean_p.mean(dim=(-2, -1), keepdim=True)
+        g_std = (m2_p.mean(dim=(-2, -1), keepdim=True) - g_mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
+        if self.mode == "scalar":
+            mean, std = g_mean, g_std
+        else:
+            mean = gaussian_blur(mean_p, self.smooth_sigma)
+            var = (gaussian_blur(m2_p, self.smooth_sigma) - mean**2).clamp_min(0)
+            std = torch.maximum(var.sqrt(), self.min_std_ratio * g_std)
+            if self.stride > 1:
+                mean, std = (F.avg_pool2d(v.flatten(0, 2), self.stride, ceil_mode=True) for v in (mean, std))
+                mean, std = (v.reshape(*s1.shape[:3], *v.shape[-2:]) for v in (mean, std))
+        pooled = mean.shape[0] - 1
+        empty = count == 0  # categories without validation images fall back to the pooled row
+        mean[empty], std[empty] = mean[pooled].clone(), std[pooled].clone()
+        return mean.float(), std.float(), count.float()
+
+    def _set(self, mean: Tensor, std: Tensor, count: Tensor) -> None:
+        device = self.mean.device
+        self.mean, self.std, self.count = mean.to(device), std.to(device), count.to(device)
+        self.fitted = torch.tensor(True, device=device)
+
+    # -- use --
+    def standardise(self, maps: Tensor, category_index: Tensor | None = None) -> Tensor:
+        """(maps − mean)/std, per category when known (index outside the fitted rows → pooled row)."""
+        if not self.is_fitted:
+            raise ModelError("refinement statistics are not fitted: calibrate the model on validation images first")
+        self._check_maps(maps)
+        rows = self._rows(category_index, maps.shape[0], maps.device)
+        mean, std = self.mean[rows], self.std[rows]
+        if mean.shape[-2:] != maps.shape[-2:] and mean.shape[-2:] != (1, 1):
+            mean, std = (_resize(v, maps.shape[-2:]) for v in (mean, std))
+        return (maps - mean) / std
+
+    def _rows(self, category_index: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        pooled = self.mean.shape[0] - 1
+        if category_index is None:
+            return torch.full((batch,), pooled, dtype=torch.long, device=device)
+        idx = category_index.to(device=device, dtype=torch.long)
+        return torch.where((idx >= 0) & (idx < pooled), idx, torch.full_like(idx, pooled))
+
+    def _check_maps(self, maps: Tensor) -> None:
+        if maps.dim() != 5 or tuple(maps.shape[1:3]) != (self.num_timesteps, self.num_scales):
+            raise ModelError(
+                f"refinement maps must be [B,{self.num_timesteps},{self.num_scales},H,W] "
+                f"(timesteps × scales), got {list(maps.shape)}"
+            )
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("mean", "std", "count"):  # buffers are sized by fit: adopt the stored shapes
+            stored = state_dict.get(prefix + name)
+            if stored is not None and stored.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _MomentAccumulator:
+    """Per-category (+ pooled last row) pixelwise sums of r and r², in float64."""
+
+    def __init__(self) -> None:
+        self.s1: dict[int, Tensor] = {}
+        self.s2: dict[int, Tensor] = {}
+        self.n: dict[int, int] = {}
+        self.total = 0
+        self.max_category = -1
+
+    def _add_row(self, key: int, maps: Tensor) -> None:
+        m = maps.double()
+        if key not in self.s1:
+            self.s1[key], self.s2[key], self.n[key] = torch.zeros_like(m[0]), torch.zeros_like(m[0]), 0
+        self.s1[key] += m.sum(0)
+        self.s2[key] += (m * m).sum(0)
+        self.n[key] += m.shape[0]
+
+    def add(self, maps: Tensor, cats: Tensor | None) -> None:
+        if self.s1 and next(iter(self.s1.values())).shape != maps.shape[1:]:
+            raise ModelError(f"refinement maps change size during fit: {list(maps.shape[1:])}")
+        self._add_row(-1, maps)
+        self.total += maps.shape[0]
+        if cats is None:
+            return
+        cats = cats.to(maps.device).long()
+        for c in cats.unique().tolist():
+            if c >= 0:
+                self._add_row(c, maps[cats == c])
+                self.max_category = max(self.max_category, c)
+
+    def moments(self) -> tuple[Tensor, Tensor, Tensor]:
+        keys = list(range(self.max_category + 1)) + [-1]  # categories 0..K-1, then pooled
+        like = self.s1[-1]
+        s1 = torch.stack([self.s1.get(k, torch.zeros_like(like)) for k in keys])
+        s2 = torch.stack([self.s2.get(k, torch.zeros_like(like)) for k in keys])
+        count = torch.tensor([self.n.get(k, 0) for k in keys], dtype=torch.float64, device=like.device)
+        return s1, s2, count
+
+
+def _resize(stats: Tensor, size: tuple[int, int]) -> Tensor:
+    b, t, s = stats.shape[:3]
+    out = F.interpolate(stats.flatten(0, 2).unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+    return out.reshape(b, t, s, *size)
+
+
+# ---- fusion -----------------------------------------------------------------------------------------
+
+
+def fusion_weights(weights: dict[str, float] | None, timesteps: list[int], patch_sizes: list[int]) -> Tensor:
+    """w(τ, s) as a [T, S] tensor summing to 1; uniform when `weights` is empty, missing keys count 0."""
+    keys = [[f"t{t}_s{s}" for s in patch_sizes] for t in timesteps]
+    if not weights:
+        return torch.full((len(timesteps), len(patch_sizes)), 1.0 / (len(timesteps) * len(patch_sizes)))
+    known = {k for row in keys for k in row}
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise ConfigError(f"fusion.weights: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    w = torch.tensor([[float(weights.get(k, 0.0)) for k in row] for row in keys])
+    if (w < 0).any() or w.sum() <= 0:
+        raise ConfigError("fusion.weights: weights must be ≥ 0 with a positive sum")
+    return w / w.sum()
+
+
+def fuse_refinement(refine_z: Tensor, weights: Tensor) -> Tensor:
+    """Σ w(τ,s)·r_z(τ,s): [B,T,S,H,W] → [B,1,H,W]."""
+    w = weights.to(device=refine_z.device, dtype=refine_z.dtype)
+    return torch.einsum("btshw,ts->bhw", refine_z, w).unsqueeze(1)
+
+
+def combine(base_z: Tensor, refine: Tensor, cfg: FusionConfig) -> Tensor:
+    """Base and fused refinement map (both standardised) → one map, per `cfg.mode`."""
+    lam = cfg.base_weight
+    if cfg.mode == "sum":
+        return lam * base_z + (1.0 - lam) * refine
+    if cfg.mode == "product":
+        return F.softplus(base_z).pow(lam) * F.softplus(refine).pow(1.0 - lam)
+    if cfg.mode == "gated":
+        gate = torch.sigmoid((base_z - cfg.gate_offset) / cfg.gate_temperature)
+        return lam * base_z + (1.0 - lam) * refine * gate
+    raise ConfigError(f"fusion.mode: unknown mode '{cfg.mode}'")
+
+
+def fuse(
+    base_z: Tensor,
+    refine_z: Tensor,
+    cfg: FusionConfig,
+    timesteps: list[int],
+    patch_sizes: list[int],
+    *,
+    refine_only: bool = False,
+    base_only: bool = False,
+) -> Tensor:
+    """Final anomaly map [B,1,H,W] from the standardised base map and refinement maps, then blurred."""
+    if refine_z.shape[1:3] != (len(timesteps), len(patch_sizes)):
+        raise ModelError(
+            f"refinement maps are {list(refine_z.shape)}, expected [B,{len(timesteps)},{len(patch_sizes)},H,W]"
+        )
+    if base_only:
+        return gaussian_blur(base_z, cfg.blur_sigma)
+    refine = fuse_refinement(refine_z, fusion_weights(cfg.weights, timesteps, patch_sizes))
+    final = refine if refine_only else combine(base_z, refine, cfg)
+    return gaussian_blur(final, cfg.blur_sigma)

@@ -1,0 +1,232 @@
+"""What every Ray Train worker runs: `train_drdc` under DDP, one `ray.train.report` per epoch.
+
+Checkpoints (written by rank 0, one directory per report, named by the *global* epoch across both
+stages, e.g. `epoch_0003`) hold the files of `dcad.train.pipeline` (`base.pt`, `refiner.pt`) and
+`dcad_checkpoint.json` (epoch numbers, the history so far and the MLflow run id). The last report is
+`final/`: the model directory under `model/` plus the validation metrics. A worker given a
+checkpoint by Ray (after a failure, or a driver restart with the same run name) lays it out locally
+and lets `train_drdc(resume=True)` continue from it: a finished stage is skipped, the current one
+resumes from its epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+META_FILE = "dcad_checkpoint.json"
+FINAL_DIR = "final"
+MODEL_DIR = "model"
+LOG_PREFIX = "dcad:"
+
+
+def epoch_dir(global_epoch: int) -> str:
+    return f"epoch_{global_epoch:04d}"
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, sent as Ray's `train_loop_config` (plain values only)."""
+
+    cfg: dict[str, Any]
+    data_root: str
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+
+    def to_config(self) -> dict[str, Any]:
+        return {"spec": self.__dict__.copy()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "WorkerSpec":
+        return cls(**config["spec"])
+
+
+def stage_offsets(cfg) -> dict[str, int]:
+    """Global epoch of each stage's epoch 0: the refiner's epochs follow the base branch's."""
+    return {"base": 0, "refiner": cfg.train.base.epochs}
+
+
+def total_epochs(cfg) -> int:
+    uses_refiner = cfg.refiner.enabled and cfg.ablation.mode != "base_only"
+    return cfg.train.base.epochs + (cfg.train.refiner.epochs if uses_refiner else 0)
+
+
+def read_meta(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def describe_checkpoint(meta: dict[str, Any]) -> str:
+    if meta.get("final"):
+        return f"final checkpoint (epoch {meta.get('epoch')}/{meta.get('total_epochs')})"
+    return (
+        f"epoch {meta.get('epoch')}/{meta.get('total_epochs')} "
+        f"({meta.get('stage')} epoch {meta.get('stage_epoch')}/{meta.get('stage_epochs')})"
+    )
+
+
+def log(message: str) -> None:
+    """A line in the driver's log (Ray forwards worker output, prefixed with the worker's pid)."""
+    print(f"{LOG_PREFIX} {message}", flush=True)
+
+
+@dataclass
+class _Reporter:
+    """Turns the pipeline's epoch reports into Ray reports (and MLflow metrics on rank 0)."""
+
+    rank: int
+    cfg: Any
+    local_dir: Path
+    mlflow_run_id: str | None
+    tracker: Any = None
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def chief(self) -> bool:
+        return self.rank == 0
+
+    def on_epoch(self, report) -> None:
+        import ray.train
+
+        epoch = stage_offsets(self.cfg)[report.stage] + report.epoch
+        metrics = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, **report.metrics}
+        metrics["epoch_seconds"] = float(report.extra.get("seconds", float("nan")))
+        self.history.append(
+            {"stage": report.stage, "epoch": report.epoch, "global_epoch": epoch, **report.metrics,
+             "epoch_seconds": metrics["epoch_seconds"]}
+        )
+        if not self.chief:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        if self.tracker is not None:
+            self.tracker.log_epoch(report)
+        meta = {
+            "epoch": epoch,
+            "total_epochs": total_epochs(self.cfg),
+            "stage": report.stage,
+            "stage_epoch": report.epoch,
+            "stage_epochs": report.epochs,
+            "final": False,
+            "mlflow_run_id": self.mlflow_run_id,
+            "history": self.history,
+        }
+        self._report(metrics, meta, epoch_dir(epoch), files=self.local_dir)
+
+    def final(self, model, val_metrics: dict[str, float]) -> None:
+        import ray.train
+
+        epoch = total_epochs(self.cfg)
+        metrics = {"epoch": epoch, "stage": FINAL_DIR, **val_metrics}
+        if not self.chief:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        from dcad.core.model.model_dir import save_model
+
+        meta = {
+            "epoch": epoch,
+            "total_epochs": epoch,
+            "final": True,
+            "mlflow_run_id": self.mlflow_run_id,
+            "history": self.history,
+            "val_metrics": val_metrics,
+        }
+        with tempfile.TemporaryDirectory(prefix="dcad-final-") as tmp:
+            save_model(model, Path(tmp) / MODEL_DIR)
+            self._report(metrics, meta, FINAL_DIR, files=Path(tmp))
+
+    def _report(self, metrics: dict, meta: dict, name: str, files: Path) -> None:
+        """Copy `files` and the metadata into a fresh directory and report it as the checkpoint `name`."""
+        import ray.train
+
+        staging = Path(tempfile.mkdtemp(prefix="dcad-ckpt-"))
+        try:
+            shutil.copytree(files, staging, dirs_exist_ok=True)
+            (staging / META_FILE).write_text(json.dumps(meta, allow_nan=True))
+            checkpoint = ray.train.Checkpoint.from_directory(str(staging))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _restore(local_dir: Path) -> dict[str, Any] | None:
+    """Download the checkpoint Ray hands this worker (if any) into `local_dir`; its metadata."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    checkpoint.to_directory(str(local_dir))
+    return read_meta(local_dir)
+
+
+def _open_tracker(spec: WorkerSpec):
+    """Rank 0's handle on the MLflow run the driver opened (None when tracking is off or unreachable)."""
+    if not spec.tracking_uri or not spec.mlflow_run_id:
+        return None
+    from dcad.core.errors import DcadError
+    from dcad.platform.tracking import TrackingOptions, start_run
+
+    try:
+        return start_run(TrackingOptions(tracking_uri=spec.tracking_uri), "train", run_id=spec.mlflow_run_id)
+    except DcadError as err:
+        log(f"MLflow logging off on this worker ({err})")
+        return None
+
+
+def _wrap_ddp(module):
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(module, move_to_device=False)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (`TorchTrainer(train_worker, train_loop_config=spec.to_config())`)."""
+    import ray.train
+    import ray.train.torch
+
+    from dcad.core.config import DCADConfig
+    from dcad.core.data import build_splits
+    from dcad.train.pipeline import TrainHooks, TrainRole, train_drdc
+
+    spec = WorkerSpec.from_config(config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cfg = DCADConfig.from_dict(spec.cfg, "train_loop_config")
+    local_dir = Path(tempfile.mkdtemp(prefix=f"dcad-rank{rank}-"))
+    try:
+        meta = _restore(local_dir)
+        if meta is not None and meta.get("final"):
+            if rank == 0:
+                log(f"nothing to train: the run already has its {describe_checkpoint(meta)}")
+            return
+        if meta is not None and rank == 0:
+            log(f"resuming from the checkpoint of {describe_checkpoint(meta)}")
+        run_id = (meta or {}).get("mlflow_run_id") or spec.mlflow_run_id
+        spec.mlflow_run_id = run_id
+        reporter = _Reporter(rank, cfg, local_dir, run_id, history=list((meta or {}).get("history", [])))
+        if rank == 0:
+            reporter.tracker = _open_tracker(spec)
+        hooks = TrainHooks(on_epoch=reporter.on_epoch, on_phase=(lambda name: log(name)) if rank == 0 else None)
+        role = TrainRole(chief=rank == 0, wrap_module=_wrap_ddp if world > 1 else None)
+        splits = build_splits(Path(spec.data_root), cfg.data)
+        model, val_metrics = train_drdc(
+            cfg,
+            splits,
+            device=ray.train.torch.get_device(),
+            checkpoint_dir=local_dir,
+            resume=meta is not None,
+            hooks=hooks,
+            role=role,
+        )
+        reporter.final(model, val_metrics)
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)

@@ -1,0 +1,202 @@
+"""`dcad train --workers N` on a real 2-node Ray cluster on loopback (started and stopped here).
+
+One session-scoped cluster (head + a second node, 1 CPU each) is shared by the tests; every training
+runs `dcad train` as a subprocess against it. S3 is a real moto_server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from fixtures_servers import BUCKET, CHECKSUMS, S3_CREDENTIALS, s3_client
+from ray_helpers import ray_dataset, run_dcad_process, start_cluster, start_dcad, wait_for  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = {"base": 2, "refiner": 2}
+TOTAL_EPOCHS = EPOCHS["base"] + EPOCHS["refiner"]
+TINY = [
+    "train", "--profile", "tiny",
+    "--set", f"train.base.epochs={EPOCHS['base']}", "--set", f"train.refiner.epochs={EPOCHS['refiner']}",
+    "--set", "train.base.iters_per_epoch=20", "--set", "train.refiner.iters_per_epoch=8",
+]
+RUN_TIMEOUT_S = 420
+METRICS_COMPARED = ("image_auroc", "pixel_auroc", "aupro")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = start_cluster([1, 1])
+    yield cluster
+    cluster.stop()
+
+
+def _history(model_dir: Path) -> list[dict]:
+    return json.loads((model_dir / "history.json").read_text())["epochs"]
+
+
+def _global_epochs(model_dir: Path) -> list[int]:
+    return [entry["global_epoch"] for entry in _history(model_dir)]
+
+
+def _losses(model_dir: Path, stage: str) -> list[float]:
+    return [e["train_loss"] for e in _history(model_dir) if e["stage"] == stage]
+
+
+def _mean_metrics(model_dir: Path) -> dict[str, float]:
+    return json.loads((model_dir / "metrics.json").read_text())["mean"]
+
+
+def _committed_epoch(storage: Path, name: str) -> int:
+    """The global epoch of the latest checkpoint Ray has committed (its snapshot), 0 if none yet."""
+    try:
+        snapshot = json.loads((storage / name / "checkpoint_manager_snapshot.json").read_text())
+        directory = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    match = re.fullmatch(r"epoch_(\d+)", directory or "")
+    return int(match.group(1)) if match else TOTAL_EPOCHS
+
+
+def _resumed_epoch(log: str, pattern: str) -> int:
+    match = re.search(pattern, log)
+    assert match, f"no line matching {pattern!r} in the log:\n{log[-3000:]}"
+    return int(match.group(1))
+
+
+def test_cluster_too_small_says_what_it_has(cluster, ray_dataset, tmp_path):  # noqa: F811
+    base = [*TINY, "--data", str(ray_dataset), "--no-track", "--address", cluster.address]
+    code, log = run_dcad_process([*base, "--output", str(tmp_path / "a"), "--workers", "3"], tmp_path / "a.log", 180)
+    assert code == 2, log[-2000:]
+    assert re.search(r"error: 3 worker\(s\) × \(1 CPU\) = 3 CPU do not fit Ray cluster at .+: it has 2 CPU and 0 GPU on 2 node\(s\)", log)
+    code, log = run_dcad_process([*base, "--output", str(tmp_path / "b"), "--workers", "1", "--gpus-per-worker", "1"], tmp_path / "b.log", 180)
+    assert code == 2, log[-2000:]
+    assert "1 GPU do not fit" in log and "0 GPU on 2 node(s)" in log
+    assert "Traceback" not in log
+
+
+def test_two_workers_match_one_worker_with_checkpoints_on_s3(cluster, ray_dataset, tmp_path, moto_endpoint):  # noqa: F811
+    """Same seed; 2 workers with half the per-worker batch reach the 1-worker test metrics within ±0.02."""
+    common = [*TINY, "--data", str(ray_dataset), "--address", cluster.address]
+    one = tmp_path / "one"
+    code, log_one = run_dcad_process(
+        [*common, "--output", str(one), "--no-track", "--workers", "1", "--name", "eq-one"], tmp_path / "one.log", RUN_TIMEOUT_S
+    )
+    assert code == 0, log_one[-4000:]
+
+    two = tmp_path / "two"
+    tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    s3_env = {**S3_CREDENTIALS, **CHECKSUMS, "AWS_ENDPOINT_URL_S3": moto_endpoint}
+    code, log_two = run_dcad_process(
+        [*common, "--output", str(two), "--tracking-uri", tracking, "--workers", "2", "--cpus-per-worker", "0.5",
+         "--name", "eq-two", "--storage", f"s3://{BUCKET}/ray-eq",
+         "--set", "train.base.batch_size=8", "--set", "train.refiner.batch_size=4"],
+        tmp_path / "two.log", RUN_TIMEOUT_S, env=s3_env,
+    )
+    assert code == 0, log_two[-4000:]
+
+    # same results
+    a, b = _mean_metrics(one), _mean_metrics(two)
+    for key in METRICS_COMPARED:
+        assert abs(a[key] - b[key]) <= 0.02, (key, a[key], b[key])
+    for model_dir in (one, two):  # both trained both stages, epoch by epoch, and the base loss went down
+        assert _global_epochs(model_dir) == list(range(1, TOTAL_EPOCHS + 1))
+        assert _losses(model_dir, "base")[-1] < 0.9 * _losses(model_dir, "base")[0]
+    assert abs(_losses(two, "base")[-1] - _losses(one, "base")[-1]) <= 0.15 * _losses(one, "base")[-1]
+
+    # checkpoints on S3: rank 0 wrote them; CheckpointConfig kept the last two
+    keys = {o for o in _s3_keys(moto_endpoint, "ray-eq/eq-two/")}
+    assert "ray-eq/eq-two/final/model/model.safetensors" in keys
+    kept = {k.split("/")[2] for k in keys if re.match(r"ray-eq/eq-two/(epoch_\d{4}|final)/dcad_checkpoint.json", k)}
+    assert kept == {f"epoch_{TOTAL_EPOCHS:04d}", "final"}
+    assert "Wrapping provided model in DistributedDataParallel" in log_two
+
+    # one MLflow run, metrics from rank 0 only (one value per epoch), no credentials anywhere
+    run = _only_run(tracking)
+    assert run.info.status == "FINISHED"
+    assert _steps(tracking, run.info.run_id, "base_train_loss", unique=False) == [1, 2]
+    assert _steps(tracking, run.info.run_id, "refiner_train_loss", unique=False) == [1, 2]
+    assert "test_image_auroc" in run.data.metrics
+    exposed = json.dumps(run.data.params) + json.dumps(run.data.tags) + log_two
+    assert not [n for n, v in S3_CREDENTIALS.items() if n != "AWS_DEFAULT_REGION" and v in exposed]
+
+
+def test_worker_killed_mid_training_resumes_from_last_checkpoint(cluster, ray_dataset, tmp_path):  # noqa: F811
+    storage = tmp_path / "ckpt"
+    output = tmp_path / "model"
+    args = [*TINY, "--data", str(ray_dataset), "--output", str(output), "--no-track", "--address", cluster.address,
+            "--workers", "2", "--cpus-per-worker", "1", "--max-failures", "1", "--storage", str(storage), "--name", "fault"]
+    driver = start_dcad(args, tmp_path / "fault.log")
+    try:
+        wait_for(lambda: _committed_epoch(storage, "fault") >= 1 or driver.proc.poll() is not None, 300, "the first checkpoint")
+        victims = cluster.train_worker_pids(node_index=1)  # the worker on the second node
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        code = driver.wait(RUN_TIMEOUT_S)
+    finally:
+        if driver.proc.poll() is None:
+            driver.kill()
+    log = driver.text()
+    assert code == 0, log[-4000:]
+    resumed = _resumed_epoch(log, r"dcad: resuming from the checkpoint of epoch (\d+)/" + str(TOTAL_EPOCHS))
+    assert 1 <= resumed < TOTAL_EPOCHS
+    assert _global_epochs(output) == list(range(1, TOTAL_EPOCHS + 1))
+    assert (output / "metrics.json").is_file()
+
+
+def test_driver_killed_then_same_name_resumes_same_mlflow_run(cluster, ray_dataset, tmp_path):  # noqa: F811
+    storage = tmp_path / "ckpt"
+    output = tmp_path / "model"
+    tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    args = [*TINY, "--data", str(ray_dataset), "--output", str(output), "--tracking-uri", tracking,
+            "--address", cluster.address, "--workers", "2", "--cpus-per-worker", "0.5",
+            "--storage", str(storage), "--name", "restart"]
+    first = start_dcad(args, tmp_path / "first.log")
+    wait_for(lambda: _committed_epoch(storage, "restart") >= 2 or first.proc.poll() is not None, 300, "the second checkpoint")
+    assert first.proc.poll() is None, first.text()[-3000:]
+    first.kill()  # SIGKILL to the driver's process group: Ray ends the job's workers
+    run_id = _only_run(tracking).info.run_id
+
+    code, log = run_dcad_process(args, tmp_path / "second.log", RUN_TIMEOUT_S)
+    assert code == 0, log[-4000:]
+    resumed = _resumed_epoch(log, r"resuming run 'restart' from its checkpoint of epoch (\d+)/" + str(TOTAL_EPOCHS))
+    assert resumed >= 2
+    assert f"continuing MLflow run {run_id}" in log
+    assert _global_epochs(output) == list(range(1, TOTAL_EPOCHS + 1))
+    run = _only_run(tracking)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert _steps(tracking, run_id, "refiner_train_loss") == [1, 2]
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+def _s3_keys(endpoint: str, prefix: str) -> list[str]:
+    from dcad.platform.s3 import list_keys
+
+    return list_keys(s3_client(endpoint), BUCKET, prefix)
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _only_run(uri: str):
+    client = _client(uri)
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments])
+    assert len(runs) == 1, [(r.info.run_id, r.info.status) for r in runs]
+    return runs[0]
+
+
+def _steps(uri: str, run_id: str, key: str, unique: bool = True) -> list[int]:
+    steps = [m.step for m in _client(uri).get_metric_history(run_id, key)]
+    return sorted(set(steps) if unique else steps)
