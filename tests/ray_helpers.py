@@ -50,7 +50,7 @@ class RayNode:
         """The `ray start` process and all its descendants (raylet, workers, agents)."""
         return [self.proc.pid, *descendants(self.proc.pid)]
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 3.0) -> None:
         if self.proc.poll() is not None:
             return
         _signal_group(self.proc.pid, signal.SIGTERM)

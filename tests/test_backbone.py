@@ -6,7 +6,6 @@ import json
 import socket
 import warnings
 
-import numpy as np
 import pytest
 import timm
 import torch

@@ -24,7 +24,8 @@ def one_thread():
 
 
 def small_cfg(**kw) -> BaseBranchConfig:
-    base = dict(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=2, num_heads=4, ffn_dim=64, neighbor_size=3, dropout=0.0)
+    base = dict(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=2, num_heads=4, ffn_dim=64,
+                neighbor_size=3, dropout=0.0)
     return BaseBranchConfig(**{**base, **kw})
 
 

@@ -20,6 +20,7 @@ from fixtures_servers import HOST, free_port, mlflow_server, start_process
 from PIL import Image
 
 from dcad.core.config import DCADConfig
+from dcad.core.data import CATEGORIES
 from dcad.core.metrics import METRIC_KEYS
 from dcad.platform.store import mlflow_client
 
@@ -193,11 +194,12 @@ def test_losing_the_server_during_training_keeps_the_model_and_says_how_to_log_i
             server.stop()  # the server dies after the first epoch was logged
 
         monkeypatch.setattr(tracking.RunTracker, "log_epoch", log_then_lose_server)
-        result = run_dcad(capsys, *train_args(trained.data, tmp_path / "model", "--tracking-uri", server.url, "--experiment", "lost"))
+        quick = ["--set", "train.base.iters_per_epoch=3", "--set", "train.refiner.iters_per_epoch=2", "--set", f"data.categories=[{CATEGORIES[0]}]"]
+        result = run_dcad(capsys, *train_args(trained.data, tmp_path / "model", "--tracking-uri", server.url, "--experiment", "lost", *quick))
     monkeypatch.undo()
     assert result.code == 3
     message = result.err.strip().splitlines()[-1]
-    assert "was lost during the run" in message and str(tmp_path / "model") in message and "dcad log" in message
+    assert "failed during the run" in message and "connection refused" in message and str(tmp_path / "model") in message and "dcad log" in message
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "model" / "report" / "roc.png").is_file()
     command = message[message.index("dcad log"):].split()
     assert command[:3] == ["dcad", "log", str(tmp_path / "model")]

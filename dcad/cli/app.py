@@ -15,6 +15,7 @@ from dcad.cli import predict as predict_cli
 from dcad.cli import promote as promote_cli
 from dcad.cli import train as train_cli
 from dcad.cli import ui as ui_cli
+from dcad.cli import weights as weights_cli
 from dcad.cli.console import err_console
 from dcad.core.errors import DcadError
 
@@ -31,6 +32,7 @@ predict_cli.register(app)
 leaderboard_cli.register(app)
 promote_cli.register(app)
 app.add_typer(models_cli.app, name="models")
+app.add_typer(weights_cli.app, name="weights")
 ui_cli.register(app)
 log_cli.register(app)
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from dcad.cli.common import SHORT
 from dcad.cli.console import console
 from dcad.cli.tracking import TRACKING_URI_OPTION
 from dcad.platform.leaderboard import DEFAULT_METRIC
@@ -43,23 +44,31 @@ def leaderboard_table(board) -> Table:
     order = "↑" if board.ascending else "↓"
     table = Table(title=f"Leaderboard: {board.experiment}, by {board.metric} {order}", title_justify="left")
     table.add_column("#", justify="right")
-    table.add_column("run")
+    table.add_column("run", no_wrap=True)
     table.add_column("status")
     for key in board.param_keys:
         table.add_column(key)
     for key in board.metric_keys:
-        table.add_column(key, justify="right", style="bold" if key == board.metric else None)
+        table.add_column(metric_header(key), justify="right", style="bold" if key == board.metric else None)
     with_links = any(r.link for r in board.rows)
     if with_links:
         table.add_column("link")
     for r in board.rows:
-        cells = [str(r.rank), f"{r.run_name} ({r.run_id[:8]})", r.status]
+        cells = [str(r.rank), f"{r.run_name} {r.run_id[:8]}", r.status]
         cells += [r.params.get(k, "") for k in board.param_keys]
         cells += [f"{r.metrics[k]:.4f}" if k in r.metrics else "—" for k in board.metric_keys]
         if with_links:
             cells.append(f"[link={r.link}]{r.link}[/link]" if r.link else "")
         table.add_row(*cells)
     return table
+
+
+def metric_header(key: str) -> str:
+    """`test_image_auroc` -> `I-AUROC`, `val_pixel_auroc` -> `val P-AUROC`; other keys as they are."""
+    for prefix, label in (("test_", ""), ("val_", "val ")):
+        if key.startswith(prefix) and key[len(prefix):] in SHORT:
+            return label + SHORT[key[len(prefix):]]
+    return key
 
 
 def register(app: typer.Typer) -> None:

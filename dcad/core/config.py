@@ -114,7 +114,7 @@ class FusionConfig(_Strict):
     gate_offset: float = Field(1.0, description="gated: k in σ((base − k)/T), the base level where refinement counts half.")
     gate_temperature: float = Field(0.5, gt=0.0, description="gated: T, the softness of the gate.")
     stats: Literal["scalar", "pixel"] = Field(
-        "pixel", description="Refinement-map standardisation: one mean/std per map, or per pixel (smoothed)."
+        "scalar", description="Refinement-map standardisation: one mean/std per map, or per pixel (smoothed)."
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -46,10 +47,23 @@ def store_errors(what: str, error: type[PlatformError] = TrackingError) -> Itera
     except Exception as err:  # MlflowException, requests/botocore errors, sqlite errors
         if not _is_store_failure(err):
             raise
-        text = getattr(err, "message", None) or str(err) or type(err).__name__
-        raise error(f"{what}: {str(text).strip().splitlines()[0][:300]}") from None
+        raise error(f"{what}: {describe(err)}") from None
 
 
 def _is_store_failure(err: Exception) -> bool:
     module = type(err).__module__.split(".")[0]
     return module in ("mlflow", "requests", "urllib3", "botocore", "boto3", "sqlalchemy") or isinstance(err, OSError)
+
+
+_NETWORK_HINTS = ("connection refused", "name or service not known", "timed out", "no route to host", "connection reset", "max retries exceeded")
+
+
+def describe(err: BaseException, limit: int = 300) -> str:
+    """A short, redacted reason: the network failure when there is one, else the first line of the message."""
+    text = str(getattr(err, "message", None) or err or type(err).__name__).strip()
+    low = text.lower()
+    for hint in _NETWORK_HINTS:
+        if hint in low:
+            endpoint = re.search(r"url: (/[^\s(]*)", text)
+            return hint + (f" ({endpoint.group(1)})" if endpoint else "")
+    return redact(text.splitlines()[0] if text else type(err).__name__)[:limit]

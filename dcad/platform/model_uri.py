@@ -11,8 +11,9 @@ from pathlib import Path
 from dcad.core.errors import ModelError
 from dcad.core.model.model_dir import META_FILE
 from dcad.platform.pyfunc_model import MODEL_DIR_ARTIFACT
+from dcad.platform.errors import describe
 from dcad.platform.secrets import redact
-from dcad.platform.store import check_store, configure_client_env, resolve_tracking_uri
+from dcad.platform.store import check_store, configure_client_env, resolve_tracking_uri, use_store
 
 _DOWNLOADS: list[Path] = []
 
@@ -37,7 +38,8 @@ def download_model_dir(uri: str, tracking_uri: str | None = None, dst: Path | No
         dst = Path(tempfile.mkdtemp(prefix="dcad-model-"))
         _DOWNLOADS.append(dst)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store))
+        with use_store(store):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store))
     except MlflowException as err:
         raise ModelError(f"{uri}: cannot fetch the model from {redact(store)} ({_first_line(err)})") from None
     except OSError as err:  # e.g. S3 credentials or endpoint missing
@@ -59,5 +61,4 @@ def find_model_dir(root: Path, uri: str = "") -> Path:
 
 
 def _first_line(err: Exception) -> str:
-    text = getattr(err, "message", None) or str(err) or type(err).__name__
-    return redact(text.strip().splitlines()[0])[:300]
+    return describe(err)

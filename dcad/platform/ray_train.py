@@ -165,13 +165,21 @@ def train_on_ray(
             log(f"run '{plan.name}' already finished; using its {describe_checkpoint(plan.previous)}")
             return _outcome_from_storage(plan)
         log(f"resuming run '{plan.name}' from its checkpoint of {describe_checkpoint(plan.previous)}")
-    spec = WorkerSpec(cfg.model_dump(mode="json"), str(Path(data_root).resolve()), tracking_uri, mlflow_run_id)
+    spec = WorkerSpec(cfg.model_dump(mode="json"), str(Path(data_root).resolve()), _absolute(tracking_uri), mlflow_run_id)
     started = time.perf_counter()
     result = _fit(_trainer(spec, plan), plan)
     outcome = _outcome_from_checkpoint(result.checkpoint, plan)
     outcome.fit_seconds = time.perf_counter() - started
     outcome.resumed_from = plan.previous
     return outcome
+
+
+def _absolute(tracking_uri: str | None) -> str | None:
+    """Workers run in another directory: a relative sqlite path must not change meaning there."""
+    prefix = "sqlite:///"
+    if tracking_uri and tracking_uri.startswith(prefix) and not tracking_uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(tracking_uri[len(prefix):]).resolve())
+    return tracking_uri
 
 
 def _trainer(spec: WorkerSpec, plan: RayRunPlan):

@@ -21,6 +21,7 @@ from typing import Callable
 from dcad.core.metrics import METRIC_KEYS
 from dcad.platform.errors import RegistryError
 from dcad.platform.gate import DEFAULT_GATE_METRICS, DEFAULT_TOLERANCE, GateResult, check_gate
+from dcad.platform.store import use_store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
@@ -209,10 +210,12 @@ def _version_for(client, name: str, run, model_id: str):
     for mv in client.search_model_versions(f"name='{name}'"):
         if version_model_id(mv) == model_id:
             return mv
-    return client.create_model_version(
-        name, source=f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id,
-        tags={"dcad.registered_by": who(), "dcad.registered_at": now_utc()},
-    )
+    # The registry resolves a models:/ source through MLflow's global tracking URI, not the client's.
+    with use_store(client.tracking_uri):
+        return client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id,
+            tags={"dcad.registered_by": who(), "dcad.registered_at": now_utc()},
+        )
 
 
 def _digest(data: Path) -> str:

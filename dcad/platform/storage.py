@@ -39,7 +39,7 @@ class StorageError(PlatformError):
 class StorageLocation:
     """A resolved `--storage`: what Ray needs (`path`, `filesystem`) and what users may see (`display`)."""
 
-    display: str  # e.g. /abs/dir or s3://bucket/prefix (endpoint shown without credentials)
+    root: str  # /abs/dir or s3://bucket/prefix
     path: str  # Ray's storage_path: an absolute local path, or bucket/prefix for S3
     filesystem: Any = None  # pyarrow.fs.FileSystem for S3, None for local paths
     endpoint: str | None = None
@@ -52,10 +52,15 @@ class StorageLocation:
         """A path below the storage root, in the filesystem's own notation."""
         return "/".join([self.path.rstrip("/"), *parts])
 
+    @property
+    def display(self) -> str:
+        """The location for messages: the root and, for S3, the endpoint (credentials redacted)."""
+        return self.describe()
+
     def describe(self, *parts: str) -> str:
-        """`display` joined with `parts`, for messages."""
-        root = self.display.split("?", 1)[0].rstrip("/")
-        return "/".join([root, *parts])
+        """The root joined with `parts` (and the endpoint), for messages."""
+        where = "/".join([self.root.rstrip("/"), *parts])
+        return f"{where} at {redact(self.endpoint)}" if self.endpoint else where
 
     def arrow_fs(self):
         """The pyarrow filesystem (a LocalFileSystem for local paths)."""
@@ -81,7 +86,7 @@ def resolve_storage(spec: str | Path | None, default: Path) -> StorageLocation:
 
 def _local(path: Path) -> StorageLocation:
     resolved = path.expanduser().resolve()
-    return StorageLocation(display=str(resolved), path=str(resolved))
+    return StorageLocation(root=str(resolved), path=str(resolved))
 
 
 def _s3(uri: str) -> StorageLocation:
@@ -97,8 +102,7 @@ def _s3(uri: str) -> StorageLocation:
     region = query.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
     fs = s3_filesystem(endpoint, region)
     path = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
-    where = f" at {redact(endpoint)}" if endpoint else ""
-    return StorageLocation(display=f"{shown.rstrip('/')}{where}", path=path, filesystem=fs, endpoint=endpoint)
+    return StorageLocation(root=shown.rstrip("/"), path=path, filesystem=fs, endpoint=endpoint)
 
 
 def _endpoint_from_env() -> str | None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
-from dcad.platform.errors import TrackingError
+from dcad.platform.errors import TrackingError, describe
 from dcad.platform.s3 import configure_s3_env
 
 HOME_ENV = "DCAD_HOME"
@@ -106,7 +108,7 @@ def check_server(uri: str, timeout: float = REACHABILITY_TIMEOUT_S) -> None:
         response = requests.get(url, timeout=timeout)
     except requests.RequestException as err:
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({_reason(err)}); start it, fix --tracking-uri / "
+            f"MLflow tracking server {uri} is unreachable ({describe(err)}); start it, fix --tracking-uri / "
             "MLFLOW_TRACKING_URI, or run without tracking (--no-track)"
         ) from None
     if response.status_code == 403 and "host" in response.text.lower():
@@ -115,14 +117,6 @@ def check_server(uri: str, timeout: float = REACHABILITY_TIMEOUT_S) -> None:
         )
     if response.status_code >= 500:
         raise TrackingError(f"MLflow tracking server {uri} is unhealthy (HTTP {response.status_code} on /health)")
-
-
-def _reason(err: Exception) -> str:
-    text = str(err)
-    for hint in ("Connection refused", "Name or service not known", "timed out", "No route to host"):
-        if hint.lower() in text.lower():
-            return hint.lower()
-    return type(err).__name__
 
 
 def experiment_artifact_location(uri: str, name: str) -> str | None:
@@ -161,6 +155,22 @@ def mlflow_client(uri: str):
 
     configure_client_env()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def use_store(uri: str) -> Iterator[None]:
+    """MLflow's global tracking and registry URIs set to `uri` inside the block (for fluent APIs such as
+    `log_model` and `download_artifacts("models:/...")`, which ignore a client's URI), restored after."""
+    import mlflow
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
 
 
 def open_store(explicit_uri: str | None = None, check: bool = True) -> tuple[str, object]:

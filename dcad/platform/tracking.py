@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 from dcad import __version__
 from dcad.core.model.model_dir import CONFIG_FILE, read_metadata
-from dcad.platform.errors import TrackingError, TrackingLostError
+from dcad.platform.errors import TrackingError, TrackingLostError, describe
 from dcad.platform.secrets import redact, redact_mapping
-from dcad.platform.store import DEFAULT_EXPERIMENT, get_or_create_experiment, open_store, run_link
+from dcad.platform.store import DEFAULT_EXPERIMENT, get_or_create_experiment, open_store, run_link, use_store
 
 REPORT_DIR = "report"
 PARAM_VALUE_LIMIT = 6000
@@ -83,30 +83,47 @@ def base_tags(kind: str) -> dict[str, str]:
     return tags
 
 
+SQLITE_ATTEMPTS = 3  # concurrent processes on one sqlite store can meet a lock or a migration race
+
+
 def start_run(options: TrackingOptions, kind: str, run_id: str | None = None) -> "RunTracker":
     """Check the store (TrackingError if unusable), then create a run (or reopen `run_id`)."""
     uri, client = open_store(options.tracking_uri)
-    try:
-        if run_id is not None:
-            run = client.get_run(run_id)
-            if run.info.status != "RUNNING":
-                client.update_run(run_id, status="RUNNING")
-            return RunTracker(uri, client, run_id, run.info.experiment_id)
-        experiment_id = get_or_create_experiment(client, options.experiment, uri)
-        tags = {**base_tags(kind), **options.tags}
-        if options.parent_run_id:
-            tags["mlflow.parentRunId"] = options.parent_run_id
-        run = client.create_run(experiment_id, tags=redact_mapping(tags), run_name=options.run_name)
-    except TrackingError:
-        raise
-    except Exception as err:  # MlflowException, requests errors, sqlite errors
-        raise TrackingError(f"tracking store {uri}: cannot start a run ({_first_line(err)})") from None
+    attempts = SQLITE_ATTEMPTS if uri.startswith("sqlite:") else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return _open_run(uri, client, options, kind, run_id)
+        except TrackingError:
+            raise
+        except Exception as err:  # MlflowException, requests errors, sqlite errors
+            if attempt < attempts and _transient(err):
+                time.sleep(attempt)
+                continue
+            raise TrackingError(f"tracking store {uri}: cannot start a run ({_first_line(err)})") from None
+    raise AssertionError("unreachable")
+
+
+def _transient(err: Exception) -> bool:
+    text = str(err).lower()
+    return any(word in text for word in ("database is locked", "already exists", "operationalerror"))
+
+
+def _open_run(uri: str, client, options: TrackingOptions, kind: str, run_id: str | None) -> "RunTracker":
+    if run_id is not None:
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return RunTracker(uri, client, run_id, run.info.experiment_id)
+    experiment_id = get_or_create_experiment(client, options.experiment, uri)
+    tags = {**base_tags(kind), **options.tags}
+    if options.parent_run_id:
+        tags["mlflow.parentRunId"] = options.parent_run_id
+    run = client.create_run(experiment_id, tags=redact_mapping(tags), run_name=options.run_name)
     return RunTracker(uri, client, run.info.run_id, experiment_id)
 
 
 def _first_line(err: BaseException) -> str:
-    text = getattr(err, "message", None) or str(err) or type(err).__name__
-    return redact(str(text).strip().splitlines()[0])[:300]
+    return describe(err)
 
 
 class RunTracker:
@@ -225,11 +242,11 @@ class RunTracker:
 
         from dcad.platform.model_package import log_pyfunc_model
 
-        mlflow.set_tracking_uri(self.uri)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
-            return log_pyfunc_model(model_dir)
-        with mlflow.start_run(run_id=self.run_id, nested=active is not None, log_system_metrics=False):
+            with use_store(self.uri):
+                return log_pyfunc_model(model_dir)
+        with use_store(self.uri), mlflow.start_run(run_id=self.run_id, nested=active is not None, log_system_metrics=False):
             info = log_pyfunc_model(model_dir)
         self.client.update_run(self.run_id, status="RUNNING")  # leaving start_run ended it; finish() does
         return info
@@ -245,7 +262,7 @@ class RunTracker:
         where = f"the model directory {model_dir} is complete" if model_dir else "the results are on disk"
         retry = command or (f"dcad log {model_dir} --tracking-uri {self.uri} --run-id {self.run_id}" if model_dir else "")
         return TrackingLostError(
-            f"tracking store {self.uri} was lost during the run ({self.lost}); {where}; "
+            f"tracking to {self.uri} failed during the run ({self.lost}); {where}; "
             f"log it when the store is back: {retry}"
         )
 

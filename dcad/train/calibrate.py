@@ -53,8 +53,8 @@ def fit_refinement_statistics(model: DRDC, dataset: Dataset, batch_size: int, de
         for batch in _normal_batches(dataset, batch_size):
             images = batch["image"].to(device)
             cats = batch["category_index"].to(device)
-            pred = model(images, cats)
-            yield pred.refine_maps
+            _, _, refine_maps, _ = model.raw_maps(images, cats)
+            yield refine_maps, cats
 
     model.calibration.refine.fit(maps())
 

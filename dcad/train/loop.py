@@ -126,7 +126,8 @@ class _Trainer:
     # ---- resume / checkpoint -------------------------------------------------------------------------
     def restore(self, state: dict[str, Any]) -> None:
         if state.get("stage") != self.stage.name:
-            raise ModelError(f"cannot resume stage '{self.stage.name}' from a checkpoint of stage '{state.get('stage')}'")
+            found = state.get("stage")
+            raise ModelError(f"cannot resume stage '{self.stage.name}' from a checkpoint of stage '{found}'")
         try:
             self.model.load_state_dict(_strip_ddp_prefix(state["model"]))
             self.optimizer.load_state_dict(state["optimizer"])
@@ -172,7 +173,8 @@ class _Trainer:
             if on_step is not None:
                 on_step(epoch + 1, step + 1, loss)
         seconds = time.perf_counter() - started
-        metrics = {"train_loss": self._mean_over_ranks(total / self.cfg.iters_per_epoch), "lr": self.scheduler.get_last_lr()[0]}
+        train_loss = self._mean_over_ranks(total / self.cfg.iters_per_epoch)
+        metrics = {"train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0]}
         return metrics, {"seconds": seconds, "iters_per_s": self.cfg.iters_per_epoch / max(seconds, 1e-9)}
 
     def _step(self, module: nn.Module, batch: Any, generator: torch.Generator) -> float:

@@ -198,8 +198,8 @@ def train_drdc(
     bs = cfg.train.eval_batch_size
     model = DRDC(cfg, splits.categories).to(device)
     hooks.phase("prototypes and feature cache")
-    set_prototypes(model, splits.train, bs, device)
     cache = compute_features(model.backbone, splits.train, bs, device)
+    model.prototypes.copy_(cache.category_prototypes(len(model.categories)).to(device))
     val = _ValidationSet(model, splits.val, bs, device, cfg.train.val_max_images) if role.chief else None
 
     hooks.phase("base branch")

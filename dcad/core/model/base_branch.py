@@ -35,7 +35,9 @@ def neighbor_mask(grid: tuple[int, int], k: int) -> Tensor | None:
 
 
 def feature_jitter(tokens: Tensor, scale: float, prob: float, generator: torch.Generator | None) -> Tensor:
-    """UniAD jitter on [B, L, C] tokens: + N(0,1)·(‖f‖₂/C)·scale per token, for each sample with probability `prob`."""
+    """UniAD jitter on [B, L, C] tokens: + N(0,1)·(‖f‖₂/C)·scale per token.
+
+    Applied to each sample independently with probability `prob` (UniAD flips one coin per batch)."""
     batch, _, channels = tokens.shape
     noise_device = generator.device if generator is not None else tokens.device
     noise = torch.randn(tokens.shape, generator=generator, device=noise_device).to(tokens.device, tokens.dtype)
@@ -138,7 +140,8 @@ class BaseReconstructor(nn.Module):
     def _check_input(self, feats: Tensor) -> None:
         expected = (self.in_channels, *self.grid)
         if feats.ndim != 4 or tuple(feats.shape[1:]) != expected:
-            raise ModelError(f"base branch expects features [B,{expected[0]},{expected[1]},{expected[2]}], got {tuple(feats.shape)}")
+            wanted = ",".join(str(n) for n in expected)
+            raise ModelError(f"base branch expects features [B,{wanted}], got {tuple(feats.shape)}")
 
 
 def base_anomaly_map(feats: Tensor, recon: Tensor, image_size: int) -> Tensor:

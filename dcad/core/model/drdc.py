@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dcad.core.config import DCADConfig
+from dcad.core.config import DCADConfig, FusionConfig
 from dcad.core.model.backbone import FeatureExtractor
 from dcad.core.model.base_branch import BaseReconstructor, base_anomaly_map
 from dcad.core.model.denoiser import Denoiser, build_scheduler
@@ -32,11 +32,11 @@ class Prediction:
 class Calibration(nn.Module):
     """Statistics fitted on validation data: map standardisation, thresholds, score range."""
 
-    def __init__(self, num_timesteps: int, num_scales: int) -> None:
+    def __init__(self, num_timesteps: int, num_scales: int, fusion: FusionConfig) -> None:
         super().__init__()
         self.register_buffer("base_mean", torch.zeros(()))
         self.register_buffer("base_std", torch.ones(()))
-        self.refine = RefinementStats(num_timesteps, num_scales)
+        self.refine = RefinementStats.from_config(num_timesteps, num_scales, fusion)
         self.register_buffer("image_threshold", torch.tensor(float("nan")))
         self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
         self.register_buffer("image_min", torch.tensor(float("nan")))
@@ -68,7 +68,7 @@ class DRDC(nn.Module):
         self.denoiser = Denoiser(cfg.refiner, len(categories)) if self.uses_refiner else None
         self.scheduler = build_scheduler(cfg.refiner.scheduler) if self.uses_refiner else None
         self.register_buffer("prototypes", torch.zeros(len(categories), self.backbone.channels))
-        self.calibration = Calibration(len(cfg.refiner.timesteps), len(cfg.refiner.patch_sizes))
+        self.calibration = Calibration(len(cfg.refiner.timesteps), len(cfg.refiner.patch_sizes), cfg.fusion)
 
     # ---- pieces ------------------------------------------------------------------------------
     @property
@@ -97,7 +97,8 @@ class DRDC(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, images: Tensor, category_index: Tensor | None = None) -> Prediction:
+    def raw_maps(self, images: Tensor, category_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """(base map, standardised base map, raw refinement maps or None, category index)."""
         feats = self.backbone(images)
         if category_index is None:
             category_index = self.predict_category(images, feats)
@@ -105,23 +106,27 @@ class DRDC(nn.Module):
         base_map = base_anomaly_map(feats, self.base(feats), self.image_size)
         base_z = self.calibration.standardise_base(base_map)
         refine_maps = None
-        mode = self.cfg.ablation.mode
         if self.uses_refiner:
             refiner = self.refiner()
             guidance = base_z if self.cfg.refiner.base_map_channel else None
             inpainted = refiner.inpaint(images, guidance, self.class_labels(category_index))
             refine_maps = refiner.refinement_maps(images, inpainted)
+        return base_map, base_z, refine_maps, category_index
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, category_index: Tensor | None = None) -> Prediction:
+        base_map, base_z, refine_maps, category_index = self.raw_maps(images, category_index)
         if refine_maps is None:
             final = gaussian_blur(base_z, self.cfg.fusion.blur_sigma)
         else:
-            refine_z = self.calibration.refine.standardise(refine_maps)
+            refine_z = self.calibration.refine.standardise(refine_maps, category_index)
             final = fuse(
                 base_z,
                 refine_z,
                 self.cfg.fusion,
                 self.cfg.refiner.timesteps,
                 self.cfg.refiner.patch_sizes,
-                refine_only=mode == "refine_only",
+                refine_only=self.cfg.ablation.mode == "refine_only",
             )
         scores = image_score(final, self.cfg.fusion.pool_kernel)
         return Prediction(base_map, refine_maps, final, scores, category_index)
