@@ -1,4 +1,4 @@
 """Shared pytest fixtures (each group lives in its own module, imported here)."""
 
-from fixtures_mlflow import tiny_dataset, trained  # noqa: F401
+from fixtures_mlflow import decoy_global_store, tiny_dataset, trained  # noqa: F401
 from fixtures_servers import direct_server, moto_endpoint, proxied_server  # noqa: F401

@@ -78,7 +78,6 @@ TRAIN_OVERRIDES = (
     "train.base.iters_per_epoch=10",
     "train.refiner.epochs=1",
     "train.refiner.iters_per_epoch=4",
-    "ablation.mode=base_only",  # TEMPORARY while the refiner's calibration is being fixed
 )
 
 
@@ -132,3 +131,18 @@ def trained(tmp_path_factory) -> TrainedModel:
     client = mlflow_client(uri)
     run = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])[0]
     return TrainedModel(data, root / "model", uri, run.info.run_id, run.data.tags["dcad.model_uri"])
+
+
+@pytest.fixture()
+def decoy_global_store(tmp_path):
+    """MLflow's global URIs point at a store that must never be touched: dcad passes its URI explicitly."""
+    import mlflow
+
+    decoy = tmp_path / "decoy-never-created" / "mlflow.db"
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(f"sqlite:///{decoy}")
+    mlflow.set_registry_uri(f"sqlite:///{decoy}")
+    yield decoy
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+    assert not decoy.parent.exists(), "something used MLflow's global tracking URI instead of dcad's"

@@ -72,6 +72,17 @@ def test_high_frequency_keeps_fine_detail_and_drops_smooth_shading(kind):
     assert high_frequency(torch.full((2, 3, 16, 16), 0.7), kind, 2.0).abs().max() < 1e-5
 
 
+def test_inner_sigma_makes_a_band_pass_that_drops_pixel_noise():
+    g = torch.Generator().manual_seed(0)
+    noise = 0.2 * torch.randn(1, 3, 64, 64, generator=g)  # pixel-level texture a denoiser cannot reproduce
+    blob = torch.zeros(1, 3, 64, 64)
+    blob[..., 28:36, 28:36] = 0.5  # a mid-sized defect
+    plain = high_frequency(noise, "gaussian", 4.0).abs().mean()
+    band = high_frequency(noise, "gaussian", 4.0, inner_sigma=1.5).abs().mean()
+    assert band < 0.3 * plain
+    assert high_frequency(blob, "gaussian", 4.0, inner_sigma=1.5)[..., 30:34, 30:34].mean() > 0.1
+
+
 def test_unknown_high_frequency_kind_is_named():
     with pytest.raises(ModelError, match="wavelet"):
         high_frequency(torch.zeros(1, 3, 8, 8), "wavelet", 1.0)

@@ -81,7 +81,10 @@ def test_training_run_holds_params_metrics_dataset_artifacts_and_model(trained, 
 def _download(trained) -> Path:
     import mlflow.artifacts
 
-    return Path(mlflow.artifacts.download_artifacts(trained.model_uri, tracking_uri=trained.tracking_uri))
+    from dcad.platform.store import use_store
+
+    with use_store(trained.tracking_uri):  # models:/ URIs resolve through MLflow's global URIs
+        return Path(mlflow.artifacts.download_artifacts(trained.model_uri))
 
 
 def _test_images(data: Path, n: int = 6) -> list[Path]:
@@ -127,7 +130,7 @@ def test_served_model_answers_http_with_the_scores_of_dcad_predict(trained, tmp_
     assert {len(row["anomaly_map"]) for row in rows} == {64}
 
 
-def test_eval_of_a_runs_uri_logs_an_evaluation_run(trained, tmp_path, capsys):
+def test_eval_of_a_runs_uri_logs_an_evaluation_run(trained, tmp_path, capsys, decoy_global_store):
     out = tmp_path / "eval.json"
     result = run_dcad(capsys, "eval", f"runs:/{trained.run_id}/model", "--data", str(trained.data), "--json", str(out),
                       "--log", "--experiment", "evals", "--run-name", "re-eval", "--tracking-uri", trained.tracking_uri, "--device", "cpu")
@@ -156,7 +159,7 @@ def _blind_copy(model_dir: Path, dst: Path) -> Path:
     return dst
 
 
-def test_promotion_through_the_gate_with_real_evaluations(trained, tmp_path, capsys):
+def test_promotion_through_the_gate_with_real_evaluations(trained, tmp_path, capsys, decoy_global_store):
     uri = trained.tracking_uri
     first = run_dcad(capsys, "promote", "dcad-e2e", "--run", trained.run_id, "--tracking-uri", uri, "--device", "cpu")
     assert first.code == 0 and "first holder" in first.out, first.err

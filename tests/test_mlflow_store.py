@@ -18,7 +18,7 @@ from fixtures_servers import free_port
 
 from dcad.platform.errors import TrackingError
 from dcad.platform.secrets import redact
-from dcad.platform.store import check_store, default_tracking_uri, mlflow_client, resolve_tracking_uri
+from dcad.platform.store import check_store, default_tracking_uri, resolve_tracking_uri
 from dcad.platform.tracking import TrackingOptions, start_run
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 from fixtures_mlflow import fake_model_dir, run_dcad, sqlite_uri
 
-from dcad.platform import registry
+from dcad.platform import registry, registry_views
 from dcad.platform.errors import RegistryError
 from dcad.platform.gate import check_gate
 from dcad.platform.store import mlflow_client
@@ -88,7 +88,7 @@ def snapshot(client) -> str:
     return json.dumps(state, default=str)
 
 
-def test_promotion_gate_history_and_rollback(store):
+def test_promotion_gate_history_and_rollback(store, decoy_global_store):
     uri, client, make_run, evaluate, calls = store
     run1, run2, run3 = make_run(result(0.80, 0.80)), make_run(result(0.90, 0.85)), make_run(result(0.99, 0.70))
 
@@ -125,9 +125,9 @@ def test_promotion_gate_history_and_rollback(store):
     assert registry.rollback(client, "dcad-reg", "champion") == ("2", "1")
     with pytest.raises(RegistryError, match="no previous holder"):
         registry.rollback(client, "dcad-reg", "champion")
-    shown = registry.show_model(client, "dcad-reg")
+    shown = registry_views.show_model(client, "dcad-reg")
     assert shown["aliases"] == {"champion": "1"}
-    assert [e["event"] for e in shown["log"]["champion"]] == ["promote", "promote", "promote", "rollback", "rollback"]
+    assert [e["event"] for e in shown["log"]["champion"]] == ["first", "passed", "refused", "forced", "rollback", "rollback"]
     assert [v["version"] for v in shown["versions"]] == ["1", "2", "3"]
     assert client.get_model_version("dcad-reg", "3").tags["dcad.gate.champion.rolled_back"]
 
@@ -181,7 +181,7 @@ def test_bad_promotion_requests_leave_the_registry_unchanged(store, good_run, na
     assert snapshot(client) == before
 
 
-def test_cli_promote_refuses_with_a_table_and_exit_code(store, capsys, monkeypatch):
+def test_cli_promote_refuses_with_a_table_and_exit_code(store, capsys, monkeypatch, decoy_global_store):
     uri, client, make_run, evaluate, _ = store
     run1, run2 = make_run(result(0.9, 0.9)), make_run(result(0.9, 0.5))
     monkeypatch.setattr("dcad.platform.evaluation.uri_evaluator", lambda *a, **k: evaluate)

@@ -8,8 +8,6 @@ run also checks that the AWS keys in the client's environment appear nowhere in 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from fixtures_mlflow import run_dcad

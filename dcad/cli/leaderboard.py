@@ -47,7 +47,7 @@ def leaderboard_table(board) -> Table:
     table.add_column("run", no_wrap=True)
     table.add_column("status")
     for key in board.param_keys:
-        table.add_column(key)
+        table.add_column(key, overflow="fold")
     for key in board.metric_keys:
         table.add_column(metric_header(key), justify="right", style="bold" if key == board.metric else None)
     with_links = any(r.link for r in board.rows)

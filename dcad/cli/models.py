@@ -14,6 +14,7 @@ from dcad.cli.tracking import TRACKING_URI_OPTION
 app = typer.Typer(help="Registered models: versions, aliases and metrics.", no_args_is_help=True)
 
 SHOWN = ("image_auroc", "pixel_auroc", "aupro")
+HISTORY_SHOWN = 10
 
 
 @app.command("list")
@@ -22,7 +23,7 @@ def list_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Every registered model with its number of versions and its aliases."""
-    from dcad.platform.registry import list_models
+    from dcad.platform.registry_views import list_models
     from dcad.platform.store import open_store
 
     from dcad.platform.errors import store_errors
@@ -49,7 +50,7 @@ def show_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The versions of a model: aliases, source run, gate decisions, metrics; and each alias's history."""
-    from dcad.platform.registry import show_model
+    from dcad.platform.registry_views import show_model
     from dcad.platform.store import open_store
 
     from dcad.platform.errors import store_errors
@@ -61,9 +62,11 @@ def show_cmd(
         console.print_json(json.dumps(info, allow_nan=True))
         return
     console.print(versions_table(info))
-    for alias, history in info["history"].items():
-        current = info["aliases"].get(alias, "—")
-        console.print(f"{alias}: now v{current}; holders " + " → ".join(f"v{v}" for v in history))
+    for alias, events in info["log"].items():
+        current = info["aliases"].get(alias)
+        console.print(f"[bold]{alias}[/]: now {'v' + current if current else 'unset'}; history:")
+        for e in events[-HISTORY_SHOWN:]:
+            console.print(f"  {e['at']}  {_event_text(e)}  by {e['by']}")
 
 
 def versions_table(info: dict) -> Table:
@@ -79,11 +82,18 @@ def versions_table(info: dict) -> Table:
             (v["run_id"] or "")[:12],
             (tags.get("dcad.sweep") or "")[:12],
             *(f"{v['metrics'][k]:.3f}" if k in v["metrics"] else "—" for k in SHOWN),
-            "; ".join(f"{a}: {g.get('result', '?')}" for a, g in gates.items()),
+            "; ".join(f"{a}: {g.get('result', '?')}{', rolled back' if 'rolled_back' in g else ''}" for a, g in gates.items()),
             "; ".join(sorted({g.get("by", "") for g in gates.values()})),
             "; ".join(sorted({g.get("at", "") for g in gates.values()})),
         )
     return table
+
+
+def _event_text(event: dict) -> str:
+    version, previous = event["version"], event.get("from")
+    if event["event"] == "refused":
+        return f"refused   v{version} (stayed on v{previous})"
+    return f"{event['event']:<9} → v{version}" + (f" (from v{previous})" if previous else "")
 
 
 def _gates(tags: dict) -> dict[str, dict[str, str]]:

@@ -99,6 +99,9 @@ class RefinerConfig(_Strict):
         1, description="Pixel-unshuffle stem r: the UNet runs at 1/r resolution on r² channels (≈r² cheaper; lossless)."
     )
     max_batch: int = Field(32, ge=1, description="Most UNet samples per call at inference (bounds memory).")
+    hf_inner_sigma: float = Field(
+        0.0, ge=0.0, description="Band-pass: blur x and x̂ by this σ before the high-pass (0 = plain high frequency)."
+    )
     train_timestep_max: int | None = Field(
         None, ge=2, description="Train on t ~ U[1, this) instead of the full schedule (None: num_train_timesteps)."
     )

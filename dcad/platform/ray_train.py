@@ -155,15 +155,15 @@ def train_on_ray(
 ) -> RayTrainOutcome:
     """Run (or continue) the training described by `plan`; returns the trained, calibrated model."""
     opts = plan.options
+    if plan.previous is not None and plan.previous.get("final"):  # e.g. the driver died after training ended
+        log(f"run '{plan.name}' already finished; using its {describe_checkpoint(plan.previous)} in {plan.where}")
+        return _outcome_from_storage(plan)
     check_writable(plan.storage)
     where = connect(opts.address)
     shape = WorkerShape(opts.cpus_per_worker, opts.gpus_per_worker)
     check_capacity(opts.workers, shape, cluster_nodes(), where)
     log(f"Ray Train run '{plan.name}': {opts.workers} worker(s) on {where}, checkpoints in {plan.where}")
     if plan.previous is not None:
-        if plan.previous.get("final"):
-            log(f"run '{plan.name}' already finished; using its {describe_checkpoint(plan.previous)}")
-            return _outcome_from_storage(plan)
         log(f"resuming run '{plan.name}' from its checkpoint of {describe_checkpoint(plan.previous)}")
     spec = WorkerSpec(cfg.model_dump(mode="json"), str(Path(data_root).resolve()), _absolute(tracking_uri), mlflow_run_id)
     started = time.perf_counter()

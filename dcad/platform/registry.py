@@ -79,7 +79,7 @@ def who() -> str:
 # ---- validation ------------------------------------------------------------------------------------
 def validate_name(client, name: str) -> bool:
     """True if the registered model exists; RegistryError for a name dcad would not create."""
-    if _registered_model(client, name) is not None:
+    if registered_model(client, name) is not None:
         return True
     if not name or not NAME_RE.match(name):
         raise RegistryError(
@@ -96,7 +96,7 @@ def validate_alias(alias: str) -> None:
         )
 
 
-def _registered_model(client, name: str):
+def registered_model(client, name: str):
     from mlflow.exceptions import MlflowException
 
     if not name:
@@ -111,7 +111,7 @@ def _registered_model(client, name: str):
 
 def alias_holder(client, name: str, alias: str):
     """The model version holding `alias`, or None (no such model or alias)."""
-    model = _registered_model(client, name)
+    model = registered_model(client, name)
     if model is None or alias not in (model.aliases or {}):
         return None
     return client.get_model_version(name, model.aliases[alias])
@@ -192,7 +192,7 @@ def promote(client, request: PromotionRequest, evaluate: Evaluate) -> PromotionR
     _tag_version(client, request, run, result, candidate, digest)
     if moved:
         client.set_registered_model_alias(request.name, request.alias, result.version)
-        _record(client, request.name, request.alias, "promote", version.version, result.previous, push=True)
+    _record(client, request.name, request.alias, result.decision, result.version, result.previous, push=moved)
     return result
 
 
@@ -308,7 +308,7 @@ def _record(client, name: str, alias: str, event: str, version: str, previous: s
 def rollback(client, name: str, alias: str) -> tuple[str, str]:
     """Move `alias` back to its previous holder; returns (from_version, to_version)."""
     validate_alias(alias)
-    model = _registered_model(client, name)
+    model = registered_model(client, name)
     if model is None:
         raise RegistryError(f"registered model '{name}' not found")
     current = (model.aliases or {}).get(alias)
@@ -326,57 +326,3 @@ def rollback(client, name: str, alias: str) -> tuple[str, str]:
     when = f"{who()} {now_utc()}"
     client.set_model_version_tag(name, str(current), f"dcad.gate.{alias}.rolled_back", when)
     return str(current), target
-
-
-# ---- views -------------------------------------------------------------------------------------------
-def list_models(client) -> list[dict]:
-    rows = []
-    for model in client.search_registered_models():
-        full = client.get_registered_model(model.name)  # search results lack aliases on database stores
-        versions = client.search_model_versions(f"name='{model.name}'")
-        rows.append(
-            {
-                "name": full.name,
-                "versions": len(versions),
-                "latest": max((int(v.version) for v in versions), default=None),
-                "aliases": {a: str(v) for a, v in (full.aliases or {}).items()},
-                "updated": _iso(full.last_updated_timestamp),
-            }
-        )
-    return sorted(rows, key=lambda r: r["name"])
-
-
-def show_model(client, name: str) -> dict:
-    model = _registered_model(client, name)
-    if model is None:
-        raise RegistryError(f"registered model '{name}' not found")
-    by_version: dict[str, list[str]] = {}
-    for alias, version in (model.aliases or {}).items():
-        by_version.setdefault(str(version), []).append(alias)
-    versions = []
-    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
-        tags = mv.tags or {}
-        versions.append(
-            {
-                "version": str(mv.version),
-                "aliases": sorted(by_version.get(str(mv.version), [])),
-                "run_id": mv.run_id,
-                "created": _iso(mv.creation_timestamp),
-                "metrics": {k: float(tags[f"dcad.metric.{k}"]) for k in METRIC_KEYS if f"dcad.metric.{k}" in tags},
-                "tags": dict(tags),
-            }
-        )
-    aliases = sorted({a for a in model.aliases or {}} | {k.split(".")[2] for k in model.tags if k.startswith("dcad.alias.")})
-    return {
-        "name": name,
-        "aliases": {a: str(v) for a, v in (model.aliases or {}).items()},
-        "history": {a: alias_history(model, a) for a in aliases},
-        "log": {a: alias_log(model, a) for a in aliases},
-        "versions": versions,
-    }
-
-
-def _iso(millis: int | None) -> str | None:
-    if not millis:
-        return None
-    return datetime.fromtimestamp(millis / 1000, timezone.utc).isoformat(timespec="seconds")

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from dcad import __version__
 from dcad.core.model.model_dir import CONFIG_FILE, read_metadata
 from dcad.platform.errors import TrackingError, TrackingLostError, describe
-from dcad.platform.secrets import redact, redact_mapping
+from dcad.platform.secrets import redact_mapping
 from dcad.platform.store import DEFAULT_EXPERIMENT, get_or_create_experiment, open_store, run_link, use_store
 
 REPORT_DIR = "report"

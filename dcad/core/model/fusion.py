@@ -54,14 +54,16 @@ def image_score(anomaly_map: Tensor, pool_kernel: int) -> Tensor:
 class RefinementStats(nn.Module):
     """Mean/std of each refinement map r(τ, s), fitted on normal validation images.
 
-    ``mode="pixel"`` (default) keeps a mean and std per position, smoothed by a Gaussian
-    (``smooth_sigma`` px, which pools neighbouring pixels so a few images suffice) and stored at
-    1/``stride`` resolution. Why per position: inference noises every image with the *same* fixed noise,
-    so part of the refinement error is a fixed pattern per position, and aligned objects have edges
-    (hence HF reconstruction error) at the same places in every image — both are normal and are removed
-    by per-position statistics but not by one scalar. The std is floored at ``min_std_ratio`` × the
-    map's global std so a nearly constant position does not explode.
-    ``mode="scalar"``: one mean/std per map.
+    ``mode="scalar"`` (default): one mean/std per map (and category). ``mode="pixel"``: a mean and std
+    per position, smoothed by a Gaussian (``smooth_sigma`` px, pooling neighbouring pixels) and stored
+    at 1/``stride`` resolution, with the std floored at ``min_std_ratio`` × the map's global std.
+
+    Why scalar by default: per-position statistics can remove errors that recur at the same place in
+    every normal image (the fixed inference noise; edges of well-aligned objects), but they need many
+    normal validation images per category. The default validation split holds ~4 normal images per
+    category and the synthetic objects are not pixel-aligned: there, per-pixel standardisation lowered
+    the refinement's mean pixel AUROC from 0.54 to 0.43. Use ``pixel`` with tens of aligned images per
+    category (MVTec-style objects).
 
     Statistics are kept per category when `fit` receives category indices (``(maps, categories)``
     items), plus one pooled row used for unknown categories (and for every image when none are given).
@@ -72,7 +74,7 @@ class RefinementStats(nn.Module):
         self,
         num_timesteps: int,
         num_scales: int,
-        mode: str = "pixel",
+        mode: str = "scalar",
         smooth_sigma: float = 4.0,
         stride: int = 2,
         min_std_ratio: float = 0.1,

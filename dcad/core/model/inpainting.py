@@ -56,12 +56,16 @@ def inpainting_masks(height: int, width: int, patch_size: int, groups: int) -> T
 # ---- high frequency ----------------------------------------------------------------------------------
 
 
-def high_frequency(x: Tensor, kind: str, sigma: float) -> Tensor:
+def high_frequency(x: Tensor, kind: str, sigma: float, inner_sigma: float = 0.0) -> Tensor:
     """The high band of images [..., H, W].
 
     ``gaussian``: x − G_σ * x. ``laplacian``: the finest Laplacian-pyramid level,
     x − up2(down2(G_σ * x)) (bilinear), a slightly wider band than ``gaussian`` at the same σ.
+    ``inner_sigma > 0`` first blurs x by G_inner, which turns either into a band-pass (a difference of
+    Gaussians): it drops the finest band, which a one-step denoiser cannot reproduce on stochastic textures.
     """
+    if inner_sigma > 0:
+        x = gaussian_blur(x, inner_sigma)
     if kind == "gaussian":
         return x - gaussian_blur(x, sigma)
     if kind == "laplacian":
@@ -171,7 +175,12 @@ class InpaintingRefiner:
 
     # -- comparison --
     def refinement_maps(self, images: Tensor, inpainted: Tensor) -> Tensor:
-        """[B,T,S,H,W]: L2 norm over colour channels of HF(x) − HF(x̂) (images in [0,1])."""
+        """[B,T,S,H,W]: L2 norm over colour channels of HF(x) − HF(x̂) (images in [0,1]).
+
+        L2 (not a sum of absolute values) so that a colour-only change counts like a change in brightness
+        of the same size, independent of the channel it lies in.
+        """
         x = images.to(inpainted.device, inpainted.dtype).unsqueeze(1).unsqueeze(1)
-        diff = high_frequency(x - inpainted, self.cfg.hf_kind, self.cfg.hf_sigma)  # HF is linear
+        cfg = self.cfg
+        diff = high_frequency(x - inpainted, cfg.hf_kind, cfg.hf_sigma, cfg.hf_inner_sigma)  # HF is linear
         return diff.pow(2).sum(dim=3).sqrt()
