@@ -78,6 +78,7 @@ TRAIN_OVERRIDES = (
     "train.base.iters_per_epoch=10",
     "train.refiner.epochs=1",
     "train.refiner.iters_per_epoch=4",
+    "train.validate_refiner=false",
 )
 
 

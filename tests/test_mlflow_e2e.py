@@ -197,7 +197,7 @@ def test_losing_the_server_during_training_keeps_the_model_and_says_how_to_log_i
             server.stop()  # the server dies after the first epoch was logged
 
         monkeypatch.setattr(tracking.RunTracker, "log_epoch", log_then_lose_server)
-        quick = ["--set", "train.base.iters_per_epoch=3", "--set", "train.refiner.iters_per_epoch=2", "--set", f"data.categories=[{CATEGORIES[0]}]"]
+        quick = ["--set", "train.base.iters_per_epoch=3", "--set", "ablation.mode=base_only", "--set", f"data.categories=[{CATEGORIES[0]}]"]
         result = run_dcad(capsys, *train_args(trained.data, tmp_path / "model", "--tracking-uri", server.url, "--experiment", "lost", *quick))
     monkeypatch.undo()
     assert result.code == 3
