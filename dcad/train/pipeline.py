@@ -69,19 +69,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def set_prototypes(model: DRDC, dataset, batch_size: int, device) -> None:
-    """Per-category mean of pooled backbone features of the normal training images."""
-    sums = torch.zeros_like(model.prototypes)
-    counts = torch.zeros(len(model.categories), device=sums.device)
-    for batch in loader_for(dataset, batch_size):
-        pooled = model.backbone.pooled(batch["image"].to(device))
-        idx = batch["category_index"].to(device)
-        sums.index_add_(0, idx, pooled)
-        counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
-    model.prototypes.copy_(sums / counts.clamp_min(1).unsqueeze(1))
-
-
-@torch.no_grad()
 def stack_images(dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of a (small) dataset as uint8 [N,3,H,W] plus category indices."""
     images, cats = [], []
