@@ -118,7 +118,12 @@ def test_two_workers_match_one_worker_with_checkpoints_on_s3(cluster, ray_datase
          "--set", "train.base.batch_size=8", "--set", "train.refiner.batch_size=4"],
         tmp_path / "two.log", env=s3_env,
     )
-    code_one, code_two = run_one.wait(RUN_TIMEOUT_S), run_two.wait(RUN_TIMEOUT_S)
+    try:
+        code_one, code_two = run_one.wait(RUN_TIMEOUT_S), run_two.wait(RUN_TIMEOUT_S)
+    finally:
+        for run in (run_one, run_two):
+            if run.proc.poll() is None:
+                run.kill()
     log_one, log_two = run_one.text(), run_two.text()
     assert code_one == 0, log_one[-4000:]
     assert code_two == 0, log_two[-4000:]

@@ -141,6 +141,9 @@ def eval_cmd(
     device: str = typer.Option("auto"),
     batch_size: Optional[int] = typer.Option(None, help="Defaults to the model's eval batch size."),
     by_defect: bool = typer.Option(False, "--by-defect", help="Also report metrics per defect type."),
+    overrides: Optional[list[str]] = typer.Option(
+        None, "--set", help="Inference-only override, e.g. --set ablation.mode=base_only or --set fusion.mode=sum."
+    ),
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."),
     log: bool = typer.Option(False, "--log", help="Log this evaluation as an MLflow run (metrics, plots, dataset)."),
     experiment: str = EXPERIMENT_OPTION,
@@ -150,12 +153,13 @@ def eval_cmd(
     from dcad.cli.common import metrics_table, progress_bar, write_json
     from dcad.core.data import AnomalyDataset, open_dataset
     from dcad.core.inference import evaluate
+    from dcad.core.model.drdc import with_inference_overrides
     from dcad.core.model.model_dir import load_model
     from dcad.train.pipeline import resolve_device
 
     tracking = CommandTracking.begin(log, tracking_uri, experiment, run_name, "eval")
     dev = resolve_device(device)
-    net = load_model(resolve_model_dir(model, tracking_uri), dev)
+    net = with_inference_overrides(load_model(resolve_model_dir(model, tracking_uri), dev), overrides)
     index = open_dataset(data)
     unknown = sorted(set(index.categories) - set(net.categories))
     if unknown:

@@ -98,18 +98,19 @@ class _Reporter:
         import ray.train
 
         epoch = stage_offsets(self.cfg)[report.stage] + report.epoch
-        metrics = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, **report.metrics}
-        metrics["epoch_seconds"] = float(report.extra.get("seconds", float("nan")))
-        self.history.append(
-            {"stage": report.stage, "epoch": report.epoch, "global_epoch": epoch, **report.metrics,
-             "epoch_seconds": metrics["epoch_seconds"]}
-        )
+        seconds = float(report.extra.get("seconds", float("nan")))
+        metrics = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, **report.metrics, "epoch_seconds": seconds}
+        self.history.append({"stage": report.stage, "epoch": report.epoch, "global_epoch": epoch, **report.metrics,
+                             "epoch_seconds": seconds})
         if not self.chief:
             ray.train.report(metrics, checkpoint=None)
             return
         if self.tracker is not None:
             self.tracker.log_epoch(report)
-        meta = {
+        self._report(metrics, self._epoch_meta(report, epoch), epoch_dir(epoch), files=self.local_dir)
+
+    def _epoch_meta(self, report, epoch: int) -> dict[str, Any]:
+        return {
             "epoch": epoch,
             "total_epochs": total_epochs(self.cfg),
             "stage": report.stage,
@@ -119,7 +120,6 @@ class _Reporter:
             "mlflow_run_id": self.mlflow_run_id,
             "history": self.history,
         }
-        self._report(metrics, meta, epoch_dir(epoch), files=self.local_dir)
 
     def final(self, model, val_metrics: dict[str, float]) -> None:
         import ray.train

@@ -130,3 +130,45 @@ class DRDC(nn.Module):
             )
         scores = image_score(final, self.cfg.fusion.pool_kernel)
         return Prediction(base_map, refine_maps, final, scores, category_index)
+
+
+# Config keys that change only how a trained model scores images (not its weights or statistics).
+INFERENCE_KEYS = (
+    "ablation.",
+    "fusion.mode",
+    "fusion.base_weight",
+    "fusion.weights",
+    "fusion.blur_sigma",
+    "fusion.pool_kernel",
+    "fusion.gate_offset",
+    "fusion.gate_temperature",
+    "refiner.guidance_scale",
+    "refiner.ddim_steps",
+    "refiner.max_batch",
+    "train.eval_batch_size",
+)
+
+
+def with_inference_overrides(model: DRDC, overrides: list[str] | None) -> DRDC:
+    """Apply `key=value` overrides that only change inference (ablation mode, fusion, guidance) in place.
+
+    A key outside `INFERENCE_KEYS` would need retraining and raises `ConfigError` naming it.
+    `ablation.mode=base_only` on a model with a denoiser simply skips the refinement branch;
+    `refine_only`/`full` need a model trained with a denoiser.
+    """
+    if not overrides:
+        return model
+    from dcad.core.config import ConfigError, apply_overrides, parse_override
+
+    pairs = [parse_override(item) for item in overrides]
+    for key, _ in pairs:
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in INFERENCE_KEYS):
+            raise ConfigError(f"--set {key}: changes the trained model; only inference keys may change here "
+                              f"({', '.join(INFERENCE_KEYS)})")
+    data = apply_overrides(model.cfg.model_dump(mode="json"), dict(pairs))
+    cfg = DCADConfig.from_dict(data, "--set")
+    if cfg.ablation.mode != "base_only" and model.denoiser is None:
+        raise ConfigError(f"--set ablation.mode={cfg.ablation.mode}: this model was trained without a refiner")
+    model.cfg = cfg
+    model.uses_refiner = model.denoiser is not None and cfg.ablation.mode != "base_only"
+    return model
