@@ -11,8 +11,11 @@ from dcad.cli import data as data_cli
 from dcad.cli import leaderboard as leaderboard_cli
 from dcad.cli import log as log_cli
 from dcad.cli import models as models_cli
+from dcad.cli import pipeline as pipeline_cli
 from dcad.cli import predict as predict_cli
 from dcad.cli import promote as promote_cli
+from dcad.cli import sweep as sweep_cli
+from dcad.cli import stack as stack_cli
 from dcad.cli import train as train_cli
 from dcad.cli import ui as ui_cli
 from dcad.cli import weights as weights_cli
@@ -31,8 +34,11 @@ train_cli.register(app)
 predict_cli.register(app)
 leaderboard_cli.register(app)
 promote_cli.register(app)
+sweep_cli.register(app)
 app.add_typer(models_cli.app, name="models")
 app.add_typer(weights_cli.app, name="weights")
+app.add_typer(pipeline_cli.app, name="pipeline")
+app.add_typer(stack_cli.app, name="stack")
 ui_cli.register(app)
 log_cli.register(app)
 

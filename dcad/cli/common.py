@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from rich.table import Table
 
 from dcad.cli.console import err_console
 from dcad.core.errors import DcadError
+from dcad.core.json_io import json_safe, write_json  # noqa: F401  (re-exported for the commands)
 from dcad.core.metrics import METRIC_KEYS
 
 SHORT = {
@@ -52,22 +52,6 @@ def metrics_table(result: dict, title: str = "Test metrics") -> Table:
         table.add_row(cat, *(_fmt(metrics.get(k)) for k in METRIC_KEYS))
     table.add_row("[bold]mean[/]", *(f"[bold]{_fmt(result['mean'].get(k))}[/]" for k in METRIC_KEYS), end_section=True)
     return table
-
-
-def json_safe(value):
-    """NaN/inf (undefined metrics) become null so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
 
 
 @contextmanager

@@ -16,21 +16,27 @@ from dcad.platform.leaderboard import DEFAULT_METRIC
 
 def leaderboard(
     experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Experiment (default: dcad)."),
-    parent: Optional[str] = typer.Option(None, "--parent", help="Only the child runs of this run (a sweep)."),
+    parent: Optional[str] = typer.Option(None, "--parent", help="Only the child runs of this run or of the sweep of this name."),
     metric: str = typer.Option(DEFAULT_METRIC, "--metric", "-m", help="Metric to rank by."),
     top: int = typer.Option(10, "--top", "-k", help="Number of runs shown."),
     ascending: Optional[bool] = typer.Option(None, "--ascending/--descending", help="Order (default: by the metric's name)."),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    pareto: bool = typer.Option(False, "--pareto", help="With --parent SWEEP: only the trials on the Pareto front of its objectives."),
 ) -> None:
     """Rank tracked runs by a metric."""
-    from dcad.platform.errors import store_errors
-    from dcad.platform.leaderboard import build_leaderboard
+    from dcad.platform.errors import TrackingError, store_errors
+    from dcad.platform.leaderboard import build_leaderboard, build_pareto
     from dcad.platform.store import open_store
 
+    if pareto and not parent:
+        raise TrackingError("--pareto needs --parent SWEEP (a sweep's name or parent run id)")
     uri, client = open_store(tracking_uri)
     with store_errors("searching runs failed"):
-        board = build_leaderboard(client, uri, experiment, parent, metric, top, ascending)
+        if pareto:
+            board = build_pareto(client, uri, parent)
+        else:
+            board = build_leaderboard(client, uri, experiment, parent, metric, top, ascending)
     if json_out:
         console.print_json(json.dumps(board.to_dict(), allow_nan=True))
         return
@@ -42,7 +48,8 @@ def leaderboard(
 
 def leaderboard_table(board) -> Table:
     order = "↑" if board.ascending else "↓"
-    table = Table(title=f"Leaderboard: {board.experiment}, by {board.metric} {order}", title_justify="left")
+    what = "Pareto front" if board.pareto else "Leaderboard"
+    table = Table(title=f"{what}: {board.experiment}, by {board.metric} {order}", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("run", no_wrap=True)
     table.add_column("status")

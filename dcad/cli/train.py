@@ -88,8 +88,7 @@ def train(
         ray_plan = train_ray.plan(workers, cpus_per_worker, gpus_per_worker, address, storage, name, max_failures, output, resume)
     from dcad.cli.common import metrics_table, prepare_output_dir, progress_bar, write_json
     from dcad.core.data import build_splits
-    from dcad.core.inference import evaluate
-    from dcad.core.model.model_dir import save_model
+    from dcad.train.model_output import save_and_evaluate
     from dcad.train.pipeline import resolve_device, train_drdc
 
     tracking = train_ray.begin_tracking(not no_track, tracking_uri, experiment, run_name, ray_plan)
@@ -113,20 +112,11 @@ def train(
             model, val_metrics = train_drdc(cfg, splits, device=dev, checkpoint_dir=output / "checkpoints", resume=resume, hooks=hooks)
         history = hooks.history
     train_s = time.perf_counter() - start
-    save_model(
-        model,
-        output,
-        extra={"dataset_digest": splits.index.digest(), "dataset_root": str(data.resolve()), "train_seconds": round(train_s, 1)},
-    )
     err_console.print(f"[cyan]▸[/] test evaluation ({len(splits.test)} images)")
-    t0 = time.perf_counter()
     evaluator = tracking.evaluator()
-    result = evaluate(model, splits.test, cfg.train.eval_batch_size, dev, evaluator=evaluator)
-    eval_s = time.perf_counter() - t0
-    result["timing"] = {"train_seconds": train_s, "eval_seconds": eval_s, "ms_per_image": 1000 * eval_s / max(1, len(splits.test))}
-    result["validation"] = val_metrics
-    write_json(output / "metrics.json", result)
-    write_json(output / "history.json", {"epochs": history})
+    result = save_and_evaluate(model, output, splits, data, train_seconds=train_s, val_metrics=val_metrics,
+                               history=history, device=dev, evaluator=evaluator)
+    eval_s = result["timing"]["eval_seconds"]
     if json_out:
         write_json(json_out, result)
     console.print(metrics_table(result, title=f"Test metrics ({output})"))

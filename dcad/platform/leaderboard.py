@@ -37,9 +37,11 @@ class Leaderboard:
     rows: list[LeaderboardRow] = field(default_factory=list)
     param_keys: list[str] = field(default_factory=list)
     metric_keys: list[str] = field(default_factory=list)
+    pareto: bool = False  # rows are the Pareto front of a sweep's objectives (`metric` is the first)
 
     def to_dict(self) -> dict:
         return {
+            "pareto": self.pareto,
             "metric": self.metric,
             "order": "ascending" if self.ascending else "descending",
             "experiment": self.experiment,
@@ -64,6 +66,7 @@ def build_leaderboard(
     if top < 1:
         raise TrackingError("--top must be at least 1")
     ascending = lower_is_better(metric) if ascending is None else ascending
+    parent = resolve_parent(client, parent) if parent else None
     experiment_id, name = _experiment(client, experiment, parent)
     filters = [f"metrics.`{metric}` > -1e300"]  # only runs that logged the metric
     if parent:
@@ -123,3 +126,66 @@ def _row(rank: int, run, board: Leaderboard, uri: str) -> LeaderboardRow:
         parent=run.data.tags.get("mlflow.parentRunId"),
         link=run_link(uri, run.info.experiment_id, run.info.run_id),
     )
+
+
+# ---- sweeps: parent by name, Pareto front ------------------------------------------------------------
+def resolve_parent(client, value: str) -> str:
+    """`value` as a run id if such a run exists, else the latest parent run of the sweep named `value`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(value).info.run_id
+    except MlflowException:
+        pass
+    ids = [e.experiment_id for e in client.search_experiments()]
+    safe = value.replace("'", "")
+    runs = client.search_runs(
+        ids, filter_string=f"tags.`dcad.sweep` = '{safe}' and tags.`dcad.kind` = 'sweep'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    ) if ids else []
+    if not runs:
+        raise TrackingError(f"--parent {value}: no run with this id and no sweep with this name")
+    return runs[0].info.run_id
+
+
+def sweep_objectives(client, parent: str) -> list[tuple[str, str]]:
+    """The (metric, mode) objectives a sweep's parent run recorded in its `dcad.objectives` tag."""
+    import json
+
+    text = client.get_run(parent).data.tags.get("dcad.objectives")
+    try:
+        return [(o["metric"], o["mode"]) for o in json.loads(text)] if text else []
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def dominated(a: dict[str, float], b: dict[str, float], objectives: list[tuple[str, str]]) -> bool:
+    """Whether `a` is dominated by `b`: no worse on every objective and better on one."""
+    strictly = False
+    for metric, mode in objectives:
+        x, y = (a[metric], b[metric]) if mode == "max" else (-a[metric], -b[metric])
+        if y < x:
+            return False
+        strictly = strictly or y > x
+    return strictly
+
+
+def build_pareto(client, uri: str, parent: str, objectives: list[tuple[str, str]] | None = None) -> Leaderboard:
+    """The children of sweep `parent` (run id or sweep name) on the Pareto front of its objectives."""
+    parent = resolve_parent(client, parent)
+    objectives = objectives or sweep_objectives(client, parent)
+    if not objectives:
+        raise TrackingError(f"run {parent} records no sweep objectives (tag dcad.objectives); is it a sweep's parent run?")
+    experiment_id, name = _experiment(client, None, parent)
+    metrics = [m for m, _ in objectives]
+    filters = [f"tags.mlflow.parentRunId = '{parent}'", *[f"metrics.`{m}` > -1e300" for m in metrics]]
+    runs = client.search_runs([experiment_id], filter_string=" and ".join(filters), max_results=1000)
+    values = [{m: r.data.metrics[m] for m in metrics} for r in runs]
+    front = [r for r, v in zip(runs, values) if not any(dominated(v, w, objectives) for w in values if w is not v)]
+    first, mode = objectives[0]
+    front.sort(key=lambda r: r.data.metrics[first], reverse=mode == "max")
+    board = Leaderboard(first, mode == "min", name, pareto=True)
+    board.metric_keys = [*metrics, *[m for m in SHOWN_METRICS if m not in metrics]]
+    board.param_keys = varying_params([r.data.params for r in runs])
+    board.rows = [_row(i, run, board, uri) for i, run in enumerate(front, start=1)]
+    return board

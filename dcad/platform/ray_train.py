@@ -152,8 +152,12 @@ def train_on_ray(
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     log: Log = print,
+    callbacks: list | None = None,
 ) -> RayTrainOutcome:
-    """Run (or continue) the training described by `plan`; returns the trained, calibrated model."""
+    """Run (or continue) the training described by `plan`; returns the trained, calibrated model.
+
+    `callbacks`: Ray Train callbacks for the run's `RunConfig` (a sweep passes its `TuneReportCallback`).
+    """
     opts = plan.options
     if plan.previous is not None and plan.previous.get("final"):  # e.g. the driver died after training ended
         log(f"run '{plan.name}' already finished; using its {describe_checkpoint(plan.previous)} in {plan.where}")
@@ -167,7 +171,7 @@ def train_on_ray(
         log(f"resuming run '{plan.name}' from its checkpoint of {describe_checkpoint(plan.previous)}")
     spec = WorkerSpec(cfg.model_dump(mode="json"), str(Path(data_root).resolve()), _absolute(tracking_uri), mlflow_run_id)
     started = time.perf_counter()
-    result = _fit(_trainer(spec, plan), plan)
+    result = _fit(_trainer(spec, plan, callbacks), plan)
     outcome = _outcome_from_checkpoint(result.checkpoint, plan)
     outcome.fit_seconds = time.perf_counter() - started
     outcome.resumed_from = plan.previous
@@ -182,7 +186,7 @@ def _absolute(tracking_uri: str | None) -> str | None:
     return tracking_uri
 
 
-def _trainer(spec: WorkerSpec, plan: RayRunPlan):
+def _trainer(spec: WorkerSpec, plan: RayRunPlan, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -202,6 +206,7 @@ def _trainer(spec: WorkerSpec, plan: RayRunPlan):
             storage_filesystem=plan.storage.filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=opts.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
+            callbacks=callbacks or None,
         ),
     )
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dcad.core.errors import DatasetError
 from dcad.core.inference import loader_for, predict_batches
 from dcad.core.metrics import f1_max_threshold
 from dcad.core.model.base_branch import base_anomaly_map
@@ -37,7 +38,10 @@ def fit_base_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) 
         total_sq += (base_map**2).sum().item()
         count += base_map.numel()
     if count == 0:
-        raise ValueError("the validation split has no normal images to calibrate on")
+        raise DatasetError(
+            "the validation split has no normal images to calibrate on: add normal training images "
+            "or raise data.val_fraction"
+        )
     mean = total / count
     std = max((total_sq / count - mean**2) ** 0.5, 1e-8)
     model.calibration.base_mean.fill_(mean)

@@ -1,0 +1,220 @@
+"""Across-seed summary of a suite run, its JSON file, and markdown tables (also put into README.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+QUALITY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
+SPEED_KEYS = ("test_images", "train_s", "images_per_s", "ms_per_image", "fit_peak_rss_delta_mb", "infer_peak_rss_delta_mb",
+              "unet_passes_per_image", "batch_size")
+SUBTLE_DEFECTS = ("faint_scratch", "faint_stain")
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(np.mean(finite)), "std": float(np.std(finite))}
+
+
+def _collect(runs: list[dict], method: str, path: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
+    """{row: {key: [value per seed]}} from runs[*].methods[method].<path> (a {row: {key: value}} table)."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        node: Any = run["methods"][method]
+        for part in path:
+            node = node[part]
+        for row, metrics in node.items():
+            for key, value in metrics.items():
+                table.setdefault(row, {}).setdefault(key, []).append(value)
+    return table
+
+
+def summarise(doc: dict) -> dict[str, dict]:
+    """Per method: mean ± std over seeds of the mean metrics and speed; per category / defect type means."""
+    runs, summary = doc["runs"], {}
+    for method in doc["methods"]:
+        speed = {key: [run["methods"][method]["speed"][key] for run in runs] for key in SPEED_KEYS}
+        means = {key: [run["methods"][method]["quality"]["mean"][key] for run in runs]
+                 for key in runs[0]["methods"][method]["quality"]["mean"]}
+        summary[method] = {
+            "mean": {key: _stats(v) for key, v in means.items()},
+            "categories": {c: {k: _stats(v)["mean"] for k, v in m.items()}
+                           for c, m in _collect(runs, method, ("quality", "categories")).items()},
+            "defect_types": {d: {k: _stats(v)["mean"] for k, v in m.items()}
+                             for d, m in _collect(runs, method, ("quality", "defect_types")).items()},
+            "speed": {key: _stats(v) for key, v in speed.items()},
+        }
+    return summary
+
+
+def json_safe(value: Any) -> Any:
+    """nan/inf → None (strict JSON), recursively; numpy scalars → Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(doc: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+# ---- markdown --------------------------------------------------------------------------------------------
+def _fmt(stats: dict[str, float] | float | None, digits: int = 3) -> str:
+    if isinstance(stats, dict):
+        mean, std = stats["mean"], stats["std"]
+        if mean is None or math.isnan(mean):
+            return "–"
+        return f"{mean:.{digits}f} ± {std:.{digits}f}" if std and not math.isnan(std) and std > 0 else f"{mean:.{digits}f}"
+    if stats is None or math.isnan(stats):
+        return "–"
+    return f"{stats:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def _bold_best(rows: list[list[str]], values: list[list[float]]) -> None:
+    """Bold the best (largest) value of each column (columns from 1 on)."""
+    for j in range(len(values[0]) if values else 0):
+        column = [v[j] for v in values]
+        finite = [v for v in column if v is not None and not math.isnan(v)]
+        if finite:
+            best = max(finite)
+            for i, v in enumerate(column):
+                if v == best:
+                    rows[i][j + 1] = f"**{rows[i][j + 1]}**"
+
+
+def quality_table(doc: dict, summary: dict) -> str:
+    header = ["method", "one model", "test images", *QUALITY_KEYS]
+    rows, values = [], []
+    for method, info in doc["methods"].items():
+        mean = summary[method]["mean"]
+        n_test = _fmt(summary[method]["speed"]["test_images"]["mean"], 0)
+        rows.append([method, "yes" if info["multi_class"] else "per category", n_test,
+                     *(_fmt(mean[k]) for k in QUALITY_KEYS)])
+        values.append([float("nan"), float("nan"), *(mean[k]["mean"] for k in QUALITY_KEYS)])
+    _bold_best(rows, values)
+    return _table(header, rows)
+
+
+def breakdown_table(doc: dict, summary: dict, section: str, metric: str) -> str:
+    names = sorted({row for m in doc["methods"] for row in summary[m][section]})
+    header = ["method", *(f"*{n}*" if n in SUBTLE_DEFECTS else n for n in names)]
+    rows, values = [], []
+    for method in doc["methods"]:
+        table = summary[method][section]
+        got = [table.get(n, {}).get(metric, float("nan")) for n in names]
+        rows.append([method, *(_fmt(v) for v in got)])
+        values.append(got)
+    _bold_best(rows, values)
+    return _table(header, rows)
+
+
+def speed_table(doc: dict, summary: dict) -> str:
+    header = ["method", "train s", "images/s", "ms/image", "batch", "UNet passes/image",
+              "peak RSS Δ fit MB", "peak RSS Δ infer MB"]
+    rows = []
+    for method in doc["methods"]:
+        s = summary[method]["speed"]
+        rows.append([method, _fmt(s["train_s"], 1), _fmt(s["images_per_s"], 2), _fmt(s["ms_per_image"], 1),
+                     _fmt(s["batch_size"]["mean"], 0), _fmt(s["unet_passes_per_image"]["mean"], 0),
+                     _fmt(s["fit_peak_rss_delta_mb"]["mean"], 0), _fmt(s["infer_peak_rss_delta_mb"]["mean"], 0)])
+    return _table(header, rows)
+
+
+def losses(doc: dict, summary: dict, reference: str = "drdc") -> list[str]:
+    """Plain sentences: where another method beats DRDC (mean metrics and subtle defect types)."""
+    if reference not in summary:
+        return []
+    out = []
+    ref = summary[reference]
+    for key in QUALITY_KEYS:
+        better = [m for m in doc["methods"] if m != reference
+                  and summary[m]["mean"][key]["mean"] > ref["mean"][key]["mean"]]
+        if better:
+            out.append(f"mean {key}: {', '.join(better)} beat {reference} ({_fmt(ref['mean'][key])})")
+    for defect in SUBTLE_DEFECTS:
+        if defect in ref["defect_types"]:
+            mine = ref["defect_types"][defect]["pixel_auroc"]
+            better = [m for m in doc["methods"] if m != reference
+                      and summary[m]["defect_types"].get(defect, {}).get("pixel_auroc", -1) > mine]
+            if better:
+                out.append(f"{defect} pixel AUROC: {', '.join(better)} beat {reference} ({_fmt(mine)})")
+    return out
+
+
+def markdown(doc: dict, summary: dict, figures: dict[str, str]) -> str:
+    runs = doc["runs"]
+    ds = runs[0]["dataset"]
+    m = doc["machine"]
+    parts = [
+        f"Generated by `python -m bench` on {doc['created']} ({'quick' if doc['quick'] else 'full'} run, "
+        f"profile `{doc['profile']}`, seeds {', '.join(map(str, doc['seeds']))}; "
+        f"{m['cpu_count']} CPUs, {m['torch_threads']} torch threads, torch {m['torch']}; wall {doc['wall_s'] / 60:.1f} min). "
+        f"Data: `dcad data synth --seed S` at {ds['size']} px, {len(ds['categories'])} categories, "
+        f"{ds['train_images']} train / {ds['val_images']} validation / {ds['test_images']} test images per seed. "
+        "All methods use the profile's backbone and `AnomalyEvaluator`; values are mean ± std over seeds.",
+        "**Quality** (unweighted mean over categories; best in bold)", quality_table(doc, summary),
+        "**Pixel AUROC per category**", breakdown_table(doc, summary, "categories", "pixel_auroc"),
+        "**Pixel AUROC per defect type** (that type's test images plus all good ones; subtle types in italics)",
+        breakdown_table(doc, summary, "defect_types", "pixel_auroc"),
+        "**AUPRO per defect type**", breakdown_table(doc, summary, "defect_types", "aupro"),
+        "**Image AUROC per defect type** (that type vs good)", breakdown_table(doc, summary, "defect_types", "image_auroc"),
+        "**Speed and memory** (inference over the test split after a one-image warm-up; peak RSS sampled every "
+        "10 ms, minus RSS at the start; the DRDC variants and reverse diffusion share one trained model, "
+        "so they report its training)", speed_table(doc, summary),
+    ]
+    ratio = [r["refiner_vs_reverse_diffusion"] for r in runs if r.get("refiner_vs_reverse_diffusion")]
+    if ratio:
+        parts.append(
+            f"**Refinement vs full reverse diffusion**: DRDC needs {ratio[0]['drdc_unet_passes']} UNet passes per image, "
+            f"the reverse chain {ratio[0]['reverse_unet_passes']}; it takes "
+            f"{np.mean([r['time_ratio'] for r in ratio]):.1f}× the time of the full DRDC model per image.")
+    lost = losses(doc, summary)
+    if lost:
+        parts.append("**Where DRDC loses**:\n\n" + "\n".join(f"- {line}" for line in lost))
+    parts += [f"![{title}]({path})" for title, path in figures.items()]
+    return "\n\n".join(parts) + "\n"
+
+
+def rewrite_readme(readme: Path, body: str) -> None:
+    """Replace the text between the benchmark markers (created under '## Benchmarks' if absent)."""
+    text = readme.read_text()
+    block = f"{README_START}\n{body.rstrip()}\n{README_END}"
+    if README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        _, tail = rest.split(README_END, 1)
+        text = head + block + tail
+    else:
+        text = _insert_under_heading(text, block)
+    readme.write_text(text)
+
+
+def _insert_under_heading(text: str, block: str) -> str:
+    lines = text.splitlines(keepends=True)
+    heading = next((i for i, line in enumerate(lines) if line.strip() == "## Benchmarks"), None)
+    if heading is None:
+        return text.rstrip("\n") + "\n\n## Benchmarks\n\n" + block + "\n"
+    end = next((i for i in range(heading + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    section = "".join(lines[heading:end]).rstrip("\n")
+    tail = "".join(lines[end:])
+    return "".join(lines[:heading]) + section + "\n\n" + block + "\n" + ("\n" + tail if tail else "")

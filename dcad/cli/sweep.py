@@ -1,0 +1,82 @@
+"""`dcad sweep SPEC [--resume] [--dry-run] [--address ADDR] [--tracking-uri URI] [--storage PATH] [--json FILE]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from dcad.cli.console import console, err_console
+from dcad.cli.tracking import TRACKING_URI_OPTION
+
+INTERRUPTED_EXIT = 130
+
+
+def sweep(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec YAML (see sweeps/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted sweep of this name and storage."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the trial plan and resources; start nothing."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: local Ray)."),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where the sweep lives (a directory or s3://…; default: the spec's storage)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the sweep result (trials, best trial) as JSON here."),
+) -> None:
+    """Search a DRDC config with Ray Tune + Optuna: each trial is a Ray Train run, nested in one MLflow parent run."""
+    from dcad.platform.sweep import load_sweep_spec, plan_sweep, run_sweep
+
+    spec = load_sweep_spec(spec_path)
+    if dry_run:
+        plan = plan_sweep(spec, resume=resume, address=address, tracking_uri=tracking_uri, storage=storage)
+        for line in plan.lines():
+            console.print(line, highlight=False, markup=False)
+        return
+    result = run_sweep(spec, resume=resume, address=address, tracking_uri=tracking_uri, storage=storage, log=_say)
+    console.print(trials_table(result))
+    if result.best_trial is not None:
+        b = result.best_trial
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in b.objectives.items())
+        console.print(f"best trial {b.trial_id} (MLflow run {b.run_id}): {shown}", highlight=False, markup=False)
+    console.print(f"MLflow parent run: {result.parent_run_id}; leaderboard: dcad leaderboard --parent {spec.name}"
+                  + (" --pareto" if spec.multi_objective else ""), highlight=False, markup=False)
+    if json_out:
+        from dcad.cli.common import write_json
+
+        write_json(json_out, result.to_dict())
+    if result.interrupted:
+        raise typer.Exit(INTERRUPTED_EXIT)
+
+
+def _say(message: str) -> None:
+    from rich.markup import escape
+
+    err_console.print(f"[cyan]▸[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def trials_table(result) -> Table:
+    from rich.markup import escape
+
+    objectives = sorted({k for t in result.trials for k in t.objectives})
+    table = Table(title=f"Sweep {result.name}: {len(result.trials)} trial(s) in {result.wall_seconds:.0f} s", title_justify="left")
+    for column in ("trial", "status", "params", *objectives, "test_image_auroc", "test_pixel_auroc"):
+        table.add_column(column, overflow="fold", justify="right" if column in objectives or column.startswith("test_") else "left")
+    best = result.best_trial.trial_id if result.best_trial else None
+    for t in result.trials:
+        mark = " ★" if t.trial_id == best else (" ◆" if t.trial_id in result.pareto else "")
+        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in t.params.items())
+        cells = [_fmt(t.objectives.get(k)) for k in objectives]
+        cells += [_fmt(t.metrics.get(k)) if t.status == "finished" else "—" for k in ("test_image_auroc", "test_pixel_auroc")]
+        table.add_row(t.trial_id + mark, t.status, escape(params), *cells)
+    return table
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)

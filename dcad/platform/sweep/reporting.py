@@ -1,0 +1,255 @@
+"""What a sweep records: its MLflow parent run, trial records, the best trial (validation only), the
+Pareto front, Optuna plots (matplotlib PNGs), and the best model registered with the `challenger` alias."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dcad.platform.sweep.spec import SweepSpec
+
+DONE_KEY = "trial_done"  # 1.0 in a trial's last result once it trained and was evaluated
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    status: str  # finished | stopped (ASHA) | failed | incomplete (interrupted)
+    params: dict[str, Any]
+    run_id: str | None = None
+    objectives: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # last result: val_*, test_*, timings
+    resumed_from_epoch: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class BestTrial:
+    trial_id: str
+    run_id: str | None
+    params: dict[str, Any]
+    objectives: dict[str, float]
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str | None
+    best_trial: BestTrial | None
+    registered_version: str | None
+    trials: list[TrialRecord]
+    pareto: list[str] = field(default_factory=list)  # trial ids on the Pareto front (multi-objective)
+    interrupted: bool = False
+    wall_seconds: float = 0.0
+    storage: str = ""
+    study_storage: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- trial records -------------------------------------------------------------------------------
+def trial_record(trial, spec: SweepSpec, interrupted: bool = False) -> TrialRecord:
+    """A Tune `Trial` as the sweep reports it (after an interruption, an unfinished trial is `incomplete`)."""
+    result = dict(trial.last_result or {})
+    finished = result.get(DONE_KEY) == 1.0
+    if trial.status == "ERROR":
+        status = "failed"
+    elif finished:
+        status = "finished"
+    elif trial.status == "TERMINATED" and not interrupted:
+        status = "stopped"
+    else:
+        status = "incomplete"
+    metrics = {k: float(v) for k, v in result.items() if _is_metric(k, v)}
+    objectives = {o.metric: metrics[o.metric] for o in spec.objective if o.metric in metrics} if finished else {}
+    error = trial_error(trial) if trial.status == "ERROR" else None
+    return TrialRecord(
+        trial.trial_id, status, dict(trial.config), result.get("mlflow_run_id"), objectives, metrics,
+        float(result.get("resumed_from_epoch", 0.0) or 0.0), error,
+    )
+
+
+def trial_error(trial) -> str:
+    """The last line of a failed trial's error (Tune keeps the traceback in the trial directory)."""
+    try:
+        err = trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file may be gone
+        err = None
+    lines = [line.strip() for line in str(err or "").splitlines() if line.strip()]
+    return (lines[-1] if lines else "failed (see the trial's error.txt)")[:300]
+
+
+_SKIP = {"timestamp", "pid", "training_iteration", "time_this_iter_s", "time_total_s", "time_since_restore",
+         "iterations_since_restore", "report_time", "fit_start", "fit_end", "infer_start", "eval_start", "eval_end", DONE_KEY}
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    return key not in _SKIP and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- best trial and Pareto front -----------------------------------------------------------------
+def dominates(a: dict[str, float], b: dict[str, float], spec: SweepSpec) -> bool:
+    better = False
+    for o in spec.objective:
+        x, y = (a[o.metric], b[o.metric]) if o.mode == "max" else (-a[o.metric], -b[o.metric])
+        if x < y:
+            return False
+        better = better or x > y
+    return better
+
+
+def pareto_front(records: list[TrialRecord], spec: SweepSpec) -> list[TrialRecord]:
+    scored = [r for r in records if r.status == "finished" and len(r.objectives) == len(spec.objective)]
+    return [r for r in scored if not any(dominates(o.objectives, r.objectives, spec) for o in scored if o is not r)]
+
+
+def best_trial(records: list[TrialRecord], spec: SweepSpec) -> BestTrial | None:
+    """Best finished trial on the objectives (validation metrics and measured costs only; never test).
+
+    With several objectives: the Pareto-front trial best on the first objective.
+    """
+    front = pareto_front(records, spec)
+    if not front:
+        return None
+    primary = spec.primary
+    sign = 1.0 if primary.mode == "max" else -1.0
+    best = max(front, key=lambda r: sign * r.objectives[primary.metric])
+    return BestTrial(best.trial_id, best.run_id, best.params, best.objectives)
+
+
+# ---- the MLflow parent run -----------------------------------------------------------------------
+def open_parent(spec: SweepSpec, tracking_uri: str | None, run_id: str | None, log: Log):
+    """Create the sweep's parent run (or reopen it on resume); logs the spec and the sweep settings."""
+    from dcad.platform.tracking import TrackingOptions, start_run
+
+    tags = {"dcad.sweep": spec.name, "dcad.objectives": json.dumps([o.model_dump() for o in spec.objective])}
+    tracker = start_run(TrackingOptions(tracking_uri, spec.experiment, spec.name, tags=tags), "sweep", run_id=run_id)
+    if run_id is None:
+        tracker.log_params(sweep_params(spec))
+        with tempfile.TemporaryDirectory(prefix="dcad-sweep-") as tmp:
+            path = Path(tmp) / "sweep.yaml"
+            path.write_text(spec.to_yaml())
+            tracker.log_artifact(path)
+    log(f"MLflow parent run {tracker.run_id} in experiment '{spec.experiment}' ({tracker.link or tracker.uri})")
+    return tracker
+
+
+def sweep_params(spec: SweepSpec) -> dict[str, Any]:
+    return {
+        "sweep.name": spec.name,
+        "sweep.base": spec.base.profile or spec.base.config,
+        "sweep.dataset": spec.dataset,
+        "sweep.num_trials": spec.num_trials,
+        "sweep.max_concurrent": spec.max_concurrent,
+        "sweep.sampler": spec.sampler.type,
+        "sweep.seed": spec.sampler.seed,
+        "sweep.objective": ",".join(f"{o.metric}:{o.mode}" for o in spec.objective),
+        "sweep.early_stopping": json.dumps(spec.early_stopping.model_dump()) if spec.early_stopping else "none",
+        "sweep.search_space": ",".join(spec.search_space),
+        "sweep.workers": spec.resources.workers,
+    }
+
+
+def record_outcome(tracker, result: SweepResult, spec: SweepSpec) -> None:
+    """Best trial (tags and `best_*` metrics) and trial counts on the parent run."""
+    statuses = [t.status for t in result.trials]
+    tracker.log_metrics({f"trials_{s}": float(statuses.count(s)) for s in ("finished", "stopped", "failed", "incomplete")})
+    best = result.best_trial
+    if best is None:
+        return
+    tracker.set_tags({"dcad.best_trial_id": best.trial_id, "dcad.best_run_id": best.run_id or "",
+                      "dcad.best_params": json.dumps(best.params), "dcad.pareto_trials": ",".join(result.pareto)})
+    tracker.log_metrics({f"best_{k}": v for k, v in best.objectives.items()})
+
+
+def mark_stopped_children(client, records: list[TrialRecord]) -> None:
+    """Children that ASHA stopped or an interruption left behind are ended as KILLED (not left RUNNING)."""
+    for r in records:
+        if r.run_id and r.status in ("stopped", "incomplete"):
+            try:
+                run = client.get_run(r.run_id)
+                if run.info.status == "RUNNING":
+                    client.set_tag(r.run_id, "dcad.trial_status", r.status)
+                    client.set_terminated(r.run_id, "KILLED")
+            except Exception:  # noqa: BLE001 - best effort; the sweep's own result is what matters
+                pass
+
+
+# ---- Optuna plots ----------------------------------------------------------------------------------
+def log_study_plots(tracker, study, spec: SweepSpec, log: Log) -> list[str]:
+    """History, parameter importance and (several objectives) Pareto-front PNGs under `plots/`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    names = [o.metric for o in spec.objective]
+    plots: dict[str, Callable[[], Any]] = {}
+    if spec.multi_objective:
+        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=names)
+        for i, name in enumerate(names):
+            plots[f"history_{name}.png"] = lambda i=i, name=name: ovm.plot_optimization_history(
+                study, target=lambda t: t.values[i], target_name=name)
+        plots["param_importances.png"] = lambda: ovm.plot_param_importances(
+            study, target=lambda t: t.values[0], target_name=names[0])
+    else:
+        plots["history.png"] = lambda: ovm.plot_optimization_history(study, target_name=names[0])
+        plots["param_importances.png"] = lambda: ovm.plot_param_importances(study, target_name=names[0])
+    written = []
+    with tempfile.TemporaryDirectory(prefix="dcad-plots-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" plot functions, importance with few trials
+        for filename, draw in plots.items():
+            try:
+                ax = draw()
+                figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                figure.savefig(Path(tmp) / filename, dpi=100, bbox_inches="tight")
+                plt.close(figure)
+                written.append(filename)
+            except Exception as err:  # noqa: BLE001 - e.g. importance needs 2+ finished trials
+                log(f"plot {filename} skipped ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})")
+        tracker.log_artifacts(Path(tmp), "plots")
+    return written
+
+
+# ---- registry ----------------------------------------------------------------------------------------
+def register_best(client, spec: SweepSpec, best: BestTrial, data: Path, tracking_uri: str) -> str:
+    """Register the best trial's model under `spec.register_best` with the `challenger` alias; its version.
+
+    Goes through `registry.promote` (lineage tags, alias history) with the trial's own test evaluation
+    as the candidate's record; the alias always moves (a sweep's best is the challenger by definition;
+    promotion to champion stays the gated `dcad promote`).
+    """
+    from dcad.platform.evaluation import uri_evaluator
+    from dcad.platform.registry import PromotionRequest, promote
+
+    recorded = recorded_evaluation(client, best.run_id)
+    real = uri_evaluator(tracking_uri)
+
+    def evaluate(uri: str, root: Path) -> dict:
+        return recorded if uri.startswith("models:/m-") and recorded else real(uri, root)
+
+    request = PromotionRequest(spec.register_best, best.run_id, alias="challenger", data=data, force=True)
+    return promote(client, request, evaluate).version
+
+
+def recorded_evaluation(client, run_id: str) -> dict | None:
+    """The test evaluation a trial logged (`test_{metric}/{category}`), as an evaluation result."""
+    metrics = client.get_run(run_id).data.metrics
+    categories: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("test_") and "/" in key:
+            metric, category = key[len("test_"):].split("/", 1)
+            categories.setdefault(category, {})[metric] = value
+    if not categories:
+        return None
+    mean = {k[len("test_"):]: v for k, v in metrics.items() if k.startswith("test_") and "/" not in k}
+    return {"categories": categories, "mean": mean}

@@ -1,0 +1,308 @@
+"""`run_sweep`: plan, start or resume the Tune experiment, then record the outcome.
+
+A sweep is one Tune experiment (`STORAGE/NAME/tune`) of `num_trials` function trials driven by
+OptunaSearch (persistent study) and, optionally, ASHA. Before Ray starts the runner checks what can be
+checked cheaply (spec, dataset, storage, tracking store, the state of an earlier run under the same
+name); after Ray is up it checks that one trial fits the cluster and lowers the concurrency to what
+fits. `--resume` restores the experiment (`Tuner.restore`): finished trials are kept, unfinished ones
+restart with the same trial id and their Ray Train run continues from its checkpoint, the searcher
+(with its Optuna study) is restored, and the MLflow parent run recorded in the sweep state is reopened.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from dcad.platform.sweep import reporting
+from dcad.platform.sweep.reporting import SweepResult
+from dcad.platform.sweep.search import build_scheduler, build_searcher, open_study, study_url
+from dcad.platform.sweep.spec import TRIAL_CPUS, SweepSpec
+from dcad.platform.sweep.state import TUNE_DIR, SPEC_FILE, SweepDir, SweepError, SweepState, now_utc, spec_digest, sweep_dir
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep will do, decided before Ray starts (what `--dry-run` prints)."""
+
+    spec: SweepSpec
+    where: SweepDir
+    state: SweepState | None  # of an earlier run under this name
+    resume: bool
+    tracking_uri: str | None
+    address: str | None
+    study_storage: str
+    total_epochs: int
+
+    def lines(self) -> list[str]:
+        s, r = self.spec, self.spec.resources
+        gpu = f", {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else ""
+        per_trial = f"{r.workers} worker(s) × ({r.cpus_per_worker:g} CPU{gpu}) + {TRIAL_CPUS:g} CPU for the trial driver"
+        es = s.early_stopping
+        stopping = (f"ASHA on {s.asha_metric[0]} ({s.asha_metric[1]}), grace {es.grace_period}, max_t {es.max_t} epochs, "
+                    f"reduction {es.reduction_factor:g}") if es else "none"
+        lines = [
+            f"sweep '{s.name}' ({'resume' if self.resume else 'new'}): {s.num_trials} trials, at most {s.max_concurrent} at a time",
+            f"base: {s.base.profile or s.base.config} with {len(s.base.overrides)} override(s); {self.total_epochs} epochs per trial",
+            f"dataset: {s.dataset_path()}",
+            f"objective: {', '.join(f'{o.metric} ({o.mode})' for o in s.objective)}; sampler {s.sampler.type} (seed {s.sampler.seed})",
+            f"early stopping: {stopping}",
+            f"resources per trial: {per_trial}; cluster: {self.address or 'a local Ray instance'}",
+            f"time budget: {f'{s.time_budget_s:g} s' if s.time_budget_s else 'none'}",
+            f"storage: {self.where.describe()}; Optuna study '{s.name}' in {self.study_storage}",
+            f"tracking: {self.tracking_uri or 'default store'}, experiment '{s.experiment}'"
+            + (f"; best model registered as '{s.register_best}' @challenger" if s.register_best else ""),
+            "search space:",
+        ]
+        for key, p in s.search_space.items():
+            when = f" when {p.when}" if p.when else ""
+            rng = f"{p.choices}" if p.type == "categorical" else f"[{p.low}, {p.high}]{' log' if p.log else ''}"
+            lines.append(f"  {key}: {p.type} {rng}{when}")
+        return lines
+
+
+def plan_sweep(
+    spec: SweepSpec,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+) -> SweepPlan:
+    """Check the spec's data, storage and the earlier state; nothing is started or written."""
+    from dcad.platform.ray_worker import total_epochs
+
+    if not spec.dataset_path().is_dir():
+        raise SweepError(f"dataset {spec.dataset_path()}: no such directory (create it with: dcad data synth {spec.dataset})")
+    where = sweep_dir(spec, storage)
+    state = where.read_state()
+    if state is not None and not resume:
+        raise SweepError(f"sweep '{spec.name}' already exists in {where.describe()}: add --resume to continue it, "
+                         "or change the sweep name or --storage")
+    if resume and state is None:
+        raise SweepError(f"nothing to resume: no sweep '{spec.name}' in {where.describe()} (run it without --resume)")
+    if state is not None and state.spec_digest != spec_digest(spec):
+        raise SweepError(f"sweep '{spec.name}' in {where.describe()} was started from a different spec "
+                         "(search space, objectives, base or trial count changed); use a new name")
+    uri = tracking_uri or spec.tracking_uri or (state.tracking_uri if state else None)
+    study = state.study_storage if state else study_url(spec, where.local_dir)
+    return SweepPlan(spec, where, state, resume, uri, address, study, total_epochs(spec.base_config()))
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    log: Log = print,
+) -> SweepResult:
+    """Run (or, with `resume`, continue) the sweep; returns its trials, best trial and registered version."""
+    from dcad.platform.sweep import progress
+
+    plan = plan_sweep(spec, resume=resume, address=address, tracking_uri=tracking_uri, storage=storage)
+    handler = progress.attach(log)
+    try:
+        return _run(plan, log)
+    finally:
+        progress.detach(handler)
+
+
+def _run(plan: SweepPlan, log: Log) -> SweepResult:
+    from dcad.core.data import open_dataset
+    from dcad.platform.ray_cluster import connect
+    from dcad.platform.storage import check_writable
+    from dcad.platform.store import resolve_tracking_uri
+
+    spec, where = plan.spec, plan.where
+    check_writable(where.storage)
+    uri = resolve_tracking_uri(plan.tracking_uri)
+    digest = open_dataset(spec.dataset_path()).digest()
+    cluster = connect(plan.address)
+    concurrency = fit_concurrency(spec, cluster, log)  # before anything is written: a misfit leaves no state
+    parent = reporting.open_parent(spec, uri, plan.state.parent_run_id if plan.state else None, log)
+    state = plan.state or SweepState(spec.name, spec_digest(spec), plan.study_storage, parent.run_id, uri, now_utc())
+    if plan.state is None:
+        where.write_state(state)
+        where.write_text(SPEC_FILE, spec.to_yaml())
+    for line in plan.lines():
+        log(line)
+    started = time.time()
+    try:
+        trials, interrupted = _fit(plan, state, parent.run_id, uri, digest, concurrency, log)
+    except KeyboardInterrupt:
+        parent.finish("KILLED")
+        raise
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    return _record(plan, state, parent, trials, interrupted, uri, time.time() - started, log)
+
+
+def fit_concurrency(spec: SweepSpec, where: str, log: Log) -> int:
+    """ClusterError if one trial cannot fit; the number of concurrent trials that fit (at most max_concurrent)."""
+    from dcad.platform.ray_cluster import ClusterError, WorkerShape, check_capacity, cluster_nodes
+
+    r = spec.resources
+    shape = WorkerShape(r.cpus_per_worker, r.gpus_per_worker)
+    nodes = cluster_nodes()
+    try:
+        check_capacity(r.workers, shape, nodes, where)
+    except ClusterError as err:
+        hint = "lower resources.workers, resources.cpus_per_worker or resources.gpus_per_worker in the sweep spec"
+        raise ClusterError(f"one trial needs {str(err).split('; lower')[0]}; {hint}") from None
+    fits = 1
+    for n in range(spec.max_concurrent, 1, -1):
+        try:
+            check_capacity(n * r.workers, shape, nodes, where)
+        except ClusterError:
+            continue
+        fits = n
+        break
+    if fits < spec.max_concurrent:
+        log(f"max_concurrent {spec.max_concurrent} lowered to {fits}: {where} holds {fits} trial(s) of "
+            f"{shape.describe(r.workers)} at a time")
+    return fits
+
+
+def _context(plan: SweepPlan, parent_run_id: str, uri: str, digest: str):
+    from dcad.platform.sweep.trial import TrialContext
+
+    spec = plan.spec
+    carried = [o.metric for o in spec.objective]
+    if spec.asha_metric and spec.asha_metric[0] not in carried:
+        carried.append(spec.asha_metric[0])
+    return TrialContext(
+        sweep=spec.name,
+        base_cfg=spec.base_config().model_dump(mode="json"),
+        data_root=str(spec.dataset_path()),
+        storage=plan.where.root,
+        workers=spec.resources.workers,
+        cpus_per_worker=spec.resources.cpus_per_worker,
+        gpus_per_worker=spec.resources.gpus_per_worker,
+        objectives=tuple(o.metric for o in spec.objective),
+        carried=tuple(carried),
+        tracking_uri=uri,
+        experiment=spec.experiment,
+        parent_run_id=parent_run_id,
+        dataset_digest=digest,
+        address=plan.address,
+    )
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _trainable(context):
+    from ray import tune
+
+    from dcad.platform.sweep.trial import run_trial
+
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPUS})
+
+
+def _fit(plan: SweepPlan, state: SweepState, parent_run_id: str, uri: str, digest: str, concurrency: int, log: Log):
+    """Start or restore the Tune experiment and run it; (the trials, whether it was interrupted)."""
+    from ray import tune
+
+    spec, where = plan.spec, plan.where
+    trainable = _trainable(_context(plan, parent_run_id, uri, digest))
+    experiment, fs = where.path(TUNE_DIR), where.storage.filesystem
+    if plan.resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        log(f"resuming sweep '{spec.name}' from {where.describe()}/{TUNE_DIR}")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   restart_errored=False, storage_filesystem=fs)
+    else:
+        if plan.resume:
+            log(f"no Tune experiment in {where.describe()}/{TUNE_DIR} yet: starting the trials afresh")
+        tuner = _new_tuner(plan, trainable, state, concurrency)
+    watch = InterruptWatch.attach()
+    try:
+        results = tuner.fit()
+    finally:
+        watch.detach()
+    return list(results._experiment_analysis.trials), watch.interrupted
+
+
+class InterruptWatch(logging.Handler):
+    """Notices Tune's "Stop signal received" (Ctrl-C / SIGINT): Tune then stops the running trials, saves the
+    experiment and returns normally, with the stopped trials looking TERMINATED in memory."""
+
+    LOGGER = "ray.tune.tune"
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.interrupted = False
+
+    @classmethod
+    def attach(cls) -> "InterruptWatch":
+        watch = cls()
+        logging.getLogger(cls.LOGGER).addHandler(watch)
+        return watch
+
+    def detach(self) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Stop signal received" in record.getMessage():
+            self.interrupted = True
+
+
+def _new_tuner(plan: SweepPlan, trainable, state: SweepState, concurrency: int):
+    from ray import tune
+
+    from dcad.platform.sweep import progress
+    from dcad.platform.sweep.cleanup import PlacementGroupJanitor
+
+    spec, where = plan.spec, plan.where
+    scheduler = build_scheduler(spec)
+    tune_config = tune.TuneConfig(
+        search_alg=build_searcher(spec, state.study_storage),
+        scheduler=scheduler,
+        num_samples=spec.num_trials,
+        max_concurrent_trials=concurrency,
+        time_budget_s=spec.time_budget_s,
+        reuse_actors=False,
+        trial_dirname_creator=trial_dirname,
+    )
+    run_config = tune.RunConfig(
+        name=TUNE_DIR,
+        storage_path=where.path(),
+        storage_filesystem=where.storage.filesystem,
+        verbose=0,
+        callbacks=[progress.SweepProgress(spec.num_trials, spec.primary.metric, spec.primary.mode), PlacementGroupJanitor()],
+        failure_config=tune.FailureConfig(max_failures=0),
+    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _record(plan: SweepPlan, state: SweepState, parent, trials: list, interrupted: bool, uri: str, wall: float,
+            log: Log) -> SweepResult:
+    spec = plan.spec
+    records = [reporting.trial_record(t, spec, interrupted) for t in trials]
+    ended = sum(r.status in ("finished", "stopped", "failed") for r in records)
+    reporting.mark_stopped_children(parent.client, records)
+    result = SweepResult(spec.name, parent.run_id, reporting.best_trial(records, spec), None, records,
+                         interrupted=interrupted, wall_seconds=wall, storage=plan.where.describe(),
+                         study_storage=state.study_storage)
+    if spec.multi_objective:
+        result.pareto = [r.trial_id for r in reporting.pareto_front(records, spec)]
+    reporting.record_outcome(parent, result, spec)
+    study = open_study(spec, state.study_storage)
+    if study is not None and not interrupted:
+        reporting.log_study_plots(parent, study, spec, log)
+    if interrupted:
+        log(f"sweep interrupted after {ended}/{spec.num_trials} trials; continue it with: dcad sweep SPEC --resume")
+        parent.finish("KILLED")
+        return result
+    if spec.register_best and result.best_trial is not None and result.best_trial.run_id:
+        result.registered_version = reporting.register_best(parent.client, spec, result.best_trial, spec.dataset_path(), uri)
+        log(f"registered the best trial's model as {spec.register_best} version {result.registered_version} @challenger")
+    parent.finish("FINISHED")
+    return result

@@ -1,0 +1,158 @@
+"""`python -m bench --quick`: the schema of its results (keys, types, ranges, every method and category),
+not the numbers; plus the small pieces of the suite that can be checked on their own."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `bench` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from bench.__main__ import RESULT_FILES, main  # noqa: E402
+from bench.methods import METHOD_NAMES  # noqa: E402
+from bench.methods.padim import Gaussians  # noqa: E402
+from bench.methods.patchcore import greedy_coreset  # noqa: E402
+from bench.suite_report import README_END, README_START, rewrite_readme  # noqa: E402
+from dcad.core.data import open_dataset  # noqa: E402
+from dcad.core.metrics import DEFECT_METRIC_KEYS, METRIC_KEYS  # noqa: E402
+
+BATCH_CAP = 8
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[dict, Path, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    readme = out / "README.md"
+    readme.write_text(f"# x\n\n## Benchmarks\n\n{README_START}\nold\n{README_END}\n")
+    code = main(["--quick", "--out", str(out / "results"), "--cache", str(out / "data"),
+                 "--batch-size", str(BATCH_CAP), "--readme", str(readme)])
+    assert code == 0
+    text = (out / "results" / RESULT_FILES["json"]).read_text()
+    return json.loads(text, parse_constant=_reject_constant), out, readme
+
+
+def _in_unit_range(value) -> bool:
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def _dataset_truth(root: str) -> tuple[set[str], set[str]]:
+    """Categories and defect types of the test split, read from the dataset itself."""
+    index = open_dataset(root)
+    return set(index.categories), {r.defect_type for r in index.test if r.label == 1}
+
+
+@pytest.mark.slow
+def test_quick_run_lists_every_method_for_every_seed(quick_run):
+    doc = quick_run[0]
+    assert doc["schema"] == "dcad.bench.suite/1" and doc["quick"] is True and doc["profile"] == "tiny"
+    assert set(doc["methods"]) == set(METHOD_NAMES)
+    assert [run["seed"] for run in doc["runs"]] == doc["seeds"] == [0]
+    for run in doc["runs"]:
+        assert set(run["methods"]) == set(METHOD_NAMES)
+    for info in doc["methods"].values():
+        assert isinstance(info["description"], str) and isinstance(info["multi_class"], bool)
+
+
+@pytest.mark.slow
+def test_quality_has_every_category_and_defect_type_within_unit_range(quick_run):
+    for run in quick_run[0]["runs"]:
+        categories, defects = _dataset_truth(run["dataset"]["root"])
+        assert set(run["dataset"]["categories"]) == categories
+        for name, result in run["methods"].items():
+            q = result["quality"]
+            assert set(q["mean"]) == set(METRIC_KEYS), name
+            assert all(_in_unit_range(v) for v in q["mean"].values()), (name, q["mean"])
+            assert set(q["categories"]) == categories, name
+            for metrics in q["categories"].values():
+                assert set(metrics) == set(METRIC_KEYS) and all(_in_unit_range(v) for v in metrics.values()), name
+            assert set(q["defect_types"]) == defects, name
+            for metrics in q["defect_types"].values():
+                assert set(metrics) == set(DEFECT_METRIC_KEYS), name
+                assert all(_in_unit_range(v) for v in metrics.values()), (name, metrics)
+
+
+@pytest.mark.slow
+def test_speed_entries_are_consistent(quick_run):
+    for run in quick_run[0]["runs"]:
+        for name, result in run["methods"].items():
+            s = result["speed"]
+            assert 0 < s["test_images"] <= run["dataset"]["test_images"], name
+            assert s["train_s"] > 0 and s["infer_s"] > 0, name
+            assert math.isclose(s["images_per_s"], s["test_images"] / s["infer_s"], rel_tol=1e-6), name
+            assert math.isclose(s["ms_per_image"] * s["images_per_s"], 1000.0, rel_tol=1e-6), name
+            assert 1 <= s["batch_size"] <= BATCH_CAP, name
+            assert s["fit_peak_rss_delta_mb"] >= 0 and s["infer_peak_rss_delta_mb"] >= 0, name
+        passes = {name: r["speed"]["unet_passes_per_image"] for name, r in run["methods"].items()}
+        assert passes["drdc_base_only"] == passes["patchcore"] == 0
+        assert 0 < passes["drdc"] == passes["drdc_refine_only"] < passes["reverse_diffusion"]
+        ratio = run["refiner_vs_reverse_diffusion"]
+        assert ratio["time_ratio"] == pytest.approx(ratio["reverse_ms_per_image"] / ratio["drdc_ms_per_image"])
+
+
+@pytest.mark.slow
+def test_summary_figures_and_readme(quick_run):
+    doc, out, readme = quick_run
+    assert set(doc["summary"]) == set(METHOD_NAMES)
+    for stats in doc["summary"].values():
+        assert all(_in_unit_range(stats["mean"][k]["mean"]) for k in METRIC_KEYS)
+    for key in ("quality_latency", "heatmaps"):
+        assert (out / "results" / RESULT_FILES[key]).read_bytes()[:8] == PNG_MAGIC
+    table = (out / "results" / RESULT_FILES["markdown"]).read_text()
+    assert all(f"| {name} |" in table for name in METHOD_NAMES)
+    assert "old" in readme.read_text()  # --quick never rewrites a README
+
+
+def test_readme_markers_are_created_under_the_heading_and_then_replaced(tmp_path):
+    readme = tmp_path / "README.md"
+    original = "# t\n\n## Benchmarks\n\nScripts are in bench/.\n\n## Other\n\ntext\n"
+    readme.write_text(original)
+    rewrite_readme(readme, "first table")
+    text = readme.read_text()
+    assert text.index("Scripts are in bench/.") < text.index(README_START) < text.index("first table") < text.index("## Other")
+    rewrite_readme(readme, "second table")
+    text = readme.read_text()
+    assert "first table" not in text and text.count(README_START) == 1
+    assert text.replace(f"{README_START}\nsecond table\n{README_END}\n\n", "") == original
+
+
+def test_greedy_coreset_reaches_every_cluster():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=gen) * 50
+    points = (centres[:, None] + torch.randn(5, 40, 16, generator=gen)).reshape(-1, 16)
+    chosen = greedy_coreset(points, ratio=5 / 200, seed=3)
+    assert len(chosen) == 5 and len(set(chosen.tolist())) == 5
+    assert {int(i) // 40 for i in chosen} == set(range(5))  # random picks would miss clusters
+
+
+def test_padim_gaussians_give_mahalanobis_distance():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(50, 4, 2, 3, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1)
+    gauss = Gaussians(feats, ridge=0.01)
+    query = torch.randn(2, 4, 2, 3, generator=gen)
+    x = feats[:, :, 1, 2].double()
+    cov = torch.cov(x.T) + 0.01 * torch.eye(4, dtype=torch.float64)
+    delta = query[:, :, 1, 2].double() - x.mean(0)
+    expected = torch.sqrt(torch.einsum("bi,ij,bj->b", delta, torch.linalg.inv(cov), delta))
+    assert torch.allclose(gauss.mahalanobis(query)[:, 1, 2].double(), expected, rtol=1e-4)
+
+
+def test_evaluation_subset_spans_the_split_and_keeps_the_figure_images():
+    from bench.suite import evaluation_indices
+
+    categories = [c for c in ("a", "b", "c", "d", "e", "f") for _ in range(30)]  # category-major, like the split
+    chosen = evaluation_indices(len(categories), 24, keep=[7, 100])
+    assert chosen == sorted(set(chosen)) and {7, 100} <= set(chosen) and len(chosen) <= 26
+    assert {categories[i] for i in chosen} == set(categories)
+    assert evaluation_indices(10, None, keep=[3]) == evaluation_indices(10, 50, keep=[]) == list(range(10))

@@ -1,0 +1,237 @@
+"""`dcad sweep` on a real (loopback) Ray cluster: an end-to-end sweep, and an interrupted sweep resumed.
+
+Both drive `dcad sweep` in a subprocess against one 2-CPU cluster (its own ports and temp dir), on a
+2-category 64 px synthetic dataset with the tiny profile cut to a few iterations per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures_mlflow import run_dcad, sqlite_uri
+from ray_helpers import RAY_TEST_ENV, start_cluster, start_dcad, wait_for
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = {
+    "data.categories": ["brick", "hex_nut"],
+    "train.base.iters_per_epoch": 8,
+    "train.refiner.epochs": 1,
+    "train.refiner.iters_per_epoch": 3,
+    "train.validate_refiner": False,
+    "train.val_max_images": 16,
+}
+OBJECTIVES = [("val_pixel_auroc", "max"), ("ms_per_image", "min")]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = start_cluster([2])
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def sweep_data(tmp_path_factory) -> Path:
+    from dcad.core.data import synthesize
+
+    root = tmp_path_factory.mktemp("sweep-data") / "data"
+    synthesize(root, seed=0, size=64, categories=["brick", "hex_nut"], n_train=12, n_test=8)
+    return root
+
+
+def write_spec(path: Path, data: Path, storage: Path, uri: str, **changes) -> Path:
+    spec = {
+        "name": path.stem,
+        "base": {"profile": "tiny", "overrides": {**OVERRIDES, "train.base.epochs": 2}},
+        "dataset": str(data),
+        "search_space": {
+            "refiner.class_conditioning": {"type": "categorical", "choices": [True, False]},
+            "refiner.guidance_scale": {"type": "float", "low": 0.5, "high": 3.0, "log": True,
+                                       "when": {"refiner.class_conditioning": True}},
+            "fusion.base_weight": {"type": "float", "low": 0.2, "high": 0.8},
+        },
+        "objective": [{"metric": m, "mode": mode} for m, mode in OBJECTIVES],
+        "sampler": {"type": "tpe", "seed": 0},
+        "num_trials": 3,
+        "max_concurrent": 2,
+        "resources": {"workers": 1, "cpus_per_worker": 0.5},
+        "storage": str(storage),
+        "tracking_uri": uri,
+        "experiment": "sweeps",
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def children(client, parent_id: str) -> list:
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=100)
+
+
+def front_of(runs: list) -> list:
+    def worse(a, b):  # a dominated by b
+        am, bm = a.data.metrics, b.data.metrics
+        no_worse = bm["val_pixel_auroc"] >= am["val_pixel_auroc"] and bm["ms_per_image"] <= am["ms_per_image"]
+        return no_worse and (bm["val_pixel_auroc"] > am["val_pixel_auroc"] or bm["ms_per_image"] < am["ms_per_image"])
+
+    return [r for r in runs if not any(worse(r, o) for o in runs if o is not r)]
+
+
+def test_sweep_end_to_end(cluster, sweep_data, tmp_path, capsys):
+    import optuna
+
+    from dcad.platform.store import mlflow_client
+
+    uri = sqlite_uri(tmp_path / "store")
+    base = {"profile": "tiny", "overrides": {**OVERRIDES, "train.base.epochs": 2, "train.validate_refiner": True}}
+    spec = write_spec(tmp_path / "e2e.yaml", sweep_data, tmp_path / "sweeps", uri, register_best="sweep-e2e", base=base,
+                      early_stopping={"grace_period": 3, "max_t": 3, "reduction_factor": 2})  # after the refiner's epoch
+    out = tmp_path / "result.json"
+    proc = start_dcad(["sweep", str(spec), "--address", cluster.address, "--json", str(out)], tmp_path / "e2e.log")
+    code = proc.wait(timeout=420)
+    log = proc.text()
+    assert code == 0, log[-5000:]
+    result = json.loads(out.read_text())
+    assert "done, " in log and "running" in log and "pending" in log and "best val_pixel_auroc=" in log  # progress lines
+
+    client = mlflow_client(uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.data.tags["dcad.sweep"] == "e2e" and parent.data.tags["dcad.kind"] == "sweep"
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "sweep.yaml" in artifacts
+    assert "plots/pareto_front.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+
+    kids = children(client, parent.info.run_id)
+    assert len(kids) == 3 == len(result["trials"])
+    assert {k.data.tags["dcad.trial_id"] for k in kids} == {t["trial_id"] for t in result["trials"]}
+    finished = [k for k in kids if k.info.status == "FINISHED"]
+    assert finished, [k.info.status for k in kids]
+    for run in finished:  # params, per-epoch curves, final metrics and the model
+        assert run.data.params["train.base.epochs"] == "2"
+        assert {"val_pixel_auroc", "ms_per_image", "test_image_auroc", "test_pixel_auroc"} <= set(run.data.metrics)
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "base_train_loss")}
+        assert steps == {1, 2}
+        assert run.outputs.model_outputs
+    for run in kids:
+        assert run.info.status in ("FINISHED", "KILLED")  # ASHA-stopped trials are not left RUNNING
+
+    # best trial: chosen on validation (and the measured cost), never on test
+    front = front_of(finished)
+    best = max(front, key=lambda r: r.data.metrics["val_pixel_auroc"])
+    assert result["best_trial"]["run_id"] == best.info.run_id
+    assert set(result["best_trial"]["objectives"]) == {"val_pixel_auroc", "ms_per_image"}
+    assert parent.data.tags["dcad.best_run_id"] == best.info.run_id
+    version = client.get_model_version_by_alias("sweep-e2e", "challenger")
+    assert str(version.version) == result["registered_version"] and version.run_id == best.info.run_id
+
+    # Optuna was told the validation metric of every finished trial
+    study = optuna.load_study(study_name="e2e", storage=result["study_storage"])
+    told = sorted(round(t.values[0], 6) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert sorted(round(r.data.metrics["val_pixel_auroc"], 6) for r in finished) == told
+
+    board = run_dcad(capsys, "leaderboard", "--parent", "e2e", "--pareto", "--json", "--tracking-uri", uri)
+    assert board.code == 0, board.err
+    assert {r["run_id"] for r in json.loads(board.out)["runs"]} == {r.info.run_id for r in front}
+
+
+def _trial_dirs(storage: Path, name: str) -> list[Path]:
+    return sorted((storage / name / "trials").glob("trial-*"))
+
+
+def _interruptible(storage: Path, name: str):
+    """One trial finished (its final checkpoint) and another with an epoch checkpoint but no final one."""
+    dirs = _trial_dirs(storage, name)
+    done = [d for d in dirs if (d / "final").is_dir()]
+    midway = [d for d in dirs if (d / "checkpoint_manager_snapshot.json").is_file() and not (d / "final").is_dir()]
+    return (done, midway) if done and midway else None
+
+
+def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path):
+    import optuna
+
+    from dcad.platform.store import mlflow_client
+
+    uri = sqlite_uri(tmp_path / "store")
+    storage = tmp_path / "sweeps"
+    overrides = {**OVERRIDES, "train.base.epochs": 3}
+    spec = write_spec(tmp_path / "resume.yaml", sweep_data, storage, uri, max_concurrent=1,
+                      base={"profile": "tiny", "overrides": overrides})
+    args = ["sweep", str(spec), "--address", cluster.address]
+    first = start_dcad(args, tmp_path / "first.log")
+    try:
+        done, midway = wait_for(lambda: _interruptible(storage, "resume"), 480, "a finished and a half-trained trial")
+    except AssertionError:
+        first.kill()
+        raise AssertionError(first.text()[-5000:]) from None
+    first.proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune stops the running trial and saves its state
+    assert first.wait(timeout=120) == 130, first.text()[-4000:]
+    assert "continue it with: dcad sweep SPEC --resume" in first.text()
+
+    state = json.loads((storage / "resume" / "sweep_state.json").read_text())
+    client = mlflow_client(uri)
+    before = {k.data.tags["dcad.trial_id"]: k for k in children(client, state["parent_run_id"])}
+    finished_id = done[0].name.removeprefix("trial-")
+    half_id = midway[0].name.removeprefix("trial-")
+    assert before[finished_id].info.status == "FINISHED"
+    study = optuna.load_study(study_name="resume", storage=state["study_storage"])
+    study_id, n_before = study._study_id, len(study.trials)
+    assert n_before == 2
+    finished_value = [t.values for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished_value) == 1
+
+    out = tmp_path / "resumed.json"
+    second = start_dcad([*args, "--resume", "--json", str(out)], tmp_path / "second.log")
+    assert second.wait(timeout=600) == 0, second.text()[-5000:]
+    log = second.text()
+    result = json.loads(out.read_text())
+
+    # the MLflow parent run is the same one, and it finished
+    assert result["parent_run_id"] == state["parent_run_id"]
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
+    trials = {t["trial_id"]: t for t in result["trials"]}
+    assert len(trials) == 3 and all(t["status"] == "finished" for t in trials.values()), trials
+    # the finished trial was not run again: same MLflow run, untouched, never restarted
+    after = {k.data.tags["dcad.trial_id"]: k for k in children(client, state["parent_run_id"])}
+    assert len(after) == 3 and len(children(client, state["parent_run_id"])) == 3
+    assert after[finished_id].info.run_id == before[finished_id].info.run_id
+    assert after[finished_id].info.end_time == before[finished_id].info.end_time
+    assert f"trial {finished_id} started" not in log
+    # the half-trained trial continued from its checkpoint, in its own MLflow run
+    assert trials[half_id]["resumed_from_epoch"] >= 1
+    assert f"resuming run 'trial-{half_id}' from its checkpoint of epoch" in log
+    assert after[half_id].info.run_id == before[half_id].info.run_id
+    assert after[half_id].data.tags.get("dcad.resumed") == "true"
+    # the Optuna study continued: same study, one trial per Tune trial, all complete
+    study = optuna.load_study(study_name="resume", storage=state["study_storage"])
+    assert study._study_id == study_id
+    assert len(study.trials) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert finished_value[0] in [t.values for t in study.trials]
+
+
+def test_trials_that_cannot_fit_fail_fast(cluster, sweep_data, tmp_path, capsys, monkeypatch):
+    for name, value in RAY_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    uri = sqlite_uri(tmp_path / "store")
+    spec = write_spec(tmp_path / "big.yaml", sweep_data, tmp_path / "sweeps", uri,
+                      resources={"workers": 2, "cpus_per_worker": 2})
+    started = time.monotonic()
+    try:
+        result = run_dcad(capsys, "sweep", str(spec), "--address", cluster.address)
+    finally:
+        import ray
+
+        ray.shutdown()
+    assert result.code == 2, result.err
+    assert "2 worker(s) × (2 CPU) = 4 CPU do not fit" in result.err and "it has 2 CPU" in result.err
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "sweeps" / "big" / "sweep_state.json").exists()  # nothing to resume: it never started
