@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dcad.core.errors import DcadError
+from dcad.core.yaml_io import read_yaml_mapping
 
 PROFILES = ("tiny", "cpu", "paper")
 
@@ -168,14 +169,7 @@ class DCADConfig(_Strict):
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DCADConfig":
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+        data = read_yaml_mapping(path, "config", ConfigError)
         return cls.from_dict(data, str(path))
 
     @classmethod

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from dcad.core.metrics import METRIC_KEYS
+from dcad.core.yaml_io import read_yaml_mapping
 from dcad.platform.pipeline.errors import PipelineError
 from dcad.platform.pipeline.refs import GLOBAL_NAMES, STEP_REF, references
 from dcad.platform.pipeline.spec import KINDS, STEP_NAME, EvaluateStep, PipelineSpec, PromoteStep, StepSpec, SweepStep
@@ -33,15 +33,7 @@ def load_pipeline(path: str | Path) -> PipelineSpec:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise PipelineError(f"{path}: cannot read the pipeline file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path}: the top level must be a mapping with 'name' and 'steps'")
-    return data
+    return read_yaml_mapping(path, "the pipeline file", PipelineError, " with 'name' and 'steps'")
 
 
 def _with_name(step: Any) -> Any:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dcad.core.config import PROFILES, ConfigError, DCADConfig, load_config
 from dcad.core.errors import DcadError
+from dcad.core.yaml_io import read_yaml_mapping
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Measured inside a trial on the test split's images; cost metrics only (never a quality metric).
@@ -215,14 +216,7 @@ class SweepSpec(_Strict):
 def load_sweep_spec(path: str | Path) -> SweepSpec:
     """Read, parse and validate a sweep spec (SweepSpecError naming the file and key on any problem)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise SweepSpecError(f"{path}: cannot read sweep spec ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise SweepSpecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise SweepSpecError(f"{path}: top level must be a mapping")
+    data = read_yaml_mapping(path, "sweep spec", SweepSpecError)
     return parse_sweep_spec(data, str(path))
 
 
