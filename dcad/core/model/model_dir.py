@@ -118,7 +118,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> DRD
         state = load_file(str(weights_path))
     except Exception as err:  # safetensors raises its own error types
         raise ModelError(f"{weights_path}: unreadable weights ({err})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even with strict=False
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err).splitlines()[0])
+        raise ModelError(f"{directory}: weights do not match the config ({mismatch})") from None
     if missing or unexpected:
         raise ModelError(
             f"{directory}: weights do not match the config "
