@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,11 +140,19 @@ def decoy_global_store(tmp_path):
     """MLflow's global URIs point at a store that must never be touched: dcad passes its URI explicitly."""
     import mlflow
 
+    from mlflow.tracking import _tracking_service
+
     decoy = tmp_path / "decoy-never-created" / "mlflow.db"
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    # the module globals, not get_*_uri(): restoring a resolved default would also export it as
+    # MLFLOW_TRACKING_URI (set_tracking_uri does) and leak it into later tests' subprocesses
+    before = (_tracking_service.utils._tracking_uri, mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
     mlflow.set_tracking_uri(f"sqlite:///{decoy}")
     mlflow.set_registry_uri(f"sqlite:///{decoy}")
     yield decoy
     mlflow.set_tracking_uri(before[0])
     mlflow.set_registry_uri(before[1])
+    if before[2] is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before[2]
     assert not decoy.parent.exists(), "something used MLflow's global tracking URI instead of dcad's"

@@ -241,8 +241,8 @@ class DcadProcess:
 def start_dcad(args: list[str], log: Path, env: dict[str, str] | None = None) -> DcadProcess:
     """`dcad ARGS` as its own process group, output (stdout and stderr) to `log`."""
     cmd = [sys.executable, "-m", "dcad.cli.app", *args]
-    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "RAY_DEDUP_LOGS": "0", **RAY_TEST_ENV, **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
+    inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}  # tests say these
+    full_env = {**inherited, "COLUMNS": "200", "NO_COLOR": "1", "RAY_DEDUP_LOGS": "0", **RAY_TEST_ENV, **(env or {})}
     with log.open("ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     return DcadProcess(proc, log)

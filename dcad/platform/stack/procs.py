@@ -133,9 +133,10 @@ def stop(record: ProcessId, sig: int = signal.SIGTERM, grace_s: float = 15.0) ->
         _signal_all([record.pid], signal.SIGKILL)
     members = sorted(set(session_members(record.pid, record.start_time)) | _still_running(family, record.start_time))
     _signal_all(members, signal.SIGTERM)
-    if not _wait_gone(members, 5.0):
-        _signal_all(session_members(record.pid, record.start_time), signal.SIGKILL)
-        _wait_gone(members, 5.0)
+    if not _wait_gone(members, 5.0):  # slow to exit (e.g. Ray's agents on a loaded machine): kill what is left
+        stragglers = set(session_members(record.pid, record.start_time)) | _still_running(members, record.start_time)
+        _signal_all(sorted(stragglers), signal.SIGKILL)
+        _wait_gone(sorted(stragglers), 5.0)
     return "stopped"
 
 
