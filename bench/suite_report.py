@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from dcad.core.json_io import json_safe
+
 QUALITY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
 SPEED_KEYS = ("test_images", "train_s", "images_per_s", "ms_per_image", "fit_peak_rss_delta_mb", "infer_peak_rss_delta_mb",
               "unet_passes_per_image", "batch_size")
@@ -52,19 +54,6 @@ def summarise(doc: dict) -> dict[str, dict]:
             "speed": {key: _stats(v) for key, v in speed.items()},
         }
     return summary
-
-
-def json_safe(value: Any) -> Any:
-    """nan/inf → None (strict JSON), recursively; numpy scalars → Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def write_json(doc: dict, path: Path) -> None:

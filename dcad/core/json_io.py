@@ -7,15 +7,19 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def json_safe(value: Any) -> Any:
-    """NaN/inf become None, recursively through dicts, lists and tuples."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """NaN/inf become None and numpy scalars Python numbers, recursively through dicts, lists and tuples."""
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
     return value
 
 
