@@ -3,6 +3,7 @@
     python -m bench                       # full suite: cpu profile, seeds 0 and 1 (tens of minutes on 2 cores)
     python -m bench --quick               # CI smoke run: tiny profile, small data, seed 0 (≤ 90 s)
     python -m bench --seeds 0 --methods drdc,patchcore --out /tmp/bench
+    python -m bench --report-only         # re-render tables, quality plot and README from OUT/suite.json
 
 Writes OUT/suite.json, OUT/suite.md, OUT/suite_quality_latency.png and OUT/suite_heatmaps.png, and (full
 runs) the README.md section between `<!-- bench:start -->` and `<!-- bench:end -->`.
@@ -11,6 +12,7 @@ runs) the README.md section between `<!-- bench:start -->` and `<!-- bench:end -
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.methods import METHOD_NAMES, MethodOptions
-from bench.suite import SuiteOptions, run_suite
+from bench.suite import SCHEMA, SuiteOptions, run_suite
 from bench.suite_data import SynthSpec
 from bench.suite_plots import heatmap_grid, quality_latency
 from bench.suite_report import markdown, rewrite_readme, summarise, write_json
@@ -74,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
                    "far faster than 2 when other work shares the cores)")
     p.add_argument("--readme", type=Path, default=Path("README.md"), help="README whose benchmark section is rewritten")
     p.add_argument("--no-readme", action="store_true", help="leave README.md alone (always so with --quick)")
+    p.add_argument("--report-only", action="store_true", help="run nothing: re-render suite.md, the quality plot "
+                   "and the README section from OUT/suite.json (the heatmap figure is kept as it is)")
     return p
 
 
@@ -104,11 +108,13 @@ def options_from(args: argparse.Namespace) -> SuiteOptions:
     )
 
 
-def write_results(doc: dict, samples: dict, out: Path, readme: Path | None) -> None:
+def write_results(doc: dict, samples: dict | None, out: Path, readme: Path | None) -> None:
+    """suite.json, the figures (the heatmaps only when `samples` are given), suite.md and the README section."""
     doc["summary"] = summarise(doc)
     write_json(doc, out / RESULT_FILES["json"])
     quality_latency(doc["summary"], out / RESULT_FILES["quality_latency"])
-    heatmap_grid(samples, out / RESULT_FILES["heatmaps"])
+    if samples is not None:
+        heatmap_grid(samples, out / RESULT_FILES["heatmaps"])
     local = {"quality against latency": RESULT_FILES["quality_latency"], "heatmaps": RESULT_FILES["heatmaps"]}
     (out / RESULT_FILES["markdown"]).write_text(markdown(doc, doc["summary"], local))
     if readme is not None:
@@ -117,9 +123,33 @@ def write_results(doc: dict, samples: dict, out: Path, readme: Path | None) -> N
         rewrite_readme(readme, markdown(doc, doc["summary"], linked))
 
 
+def read_results(path: Path) -> dict:
+    """A suite.json written by an earlier run (schema checked)."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DcadError(f"{path}: no results here; run `python -m bench` first") from None
+    except (OSError, ValueError) as err:
+        raise DcadError(f"{path}: not readable as suite results ({err})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not doc.get("runs"):
+        raise DcadError(f"{path}: not a {SCHEMA} results file with at least one run")
+    return doc
+
+
+def report_only(args: argparse.Namespace) -> int:
+    out = args.out or Path(".dcad/bench-quick" if args.quick else "bench/results")
+    doc = read_results(out / RESULT_FILES["json"])
+    readme = None if doc.get("quick") or args.no_readme else args.readme
+    write_results(doc, None, out, readme)
+    print(f"re-rendered {out / RESULT_FILES['markdown']}" + (f" and {readme}" if readme else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.report_only:
+            return report_only(args)
         options = options_from(args)
     except DcadError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -84,7 +84,17 @@ def quality(test: InMemory, scores: torch.Tensor, maps: torch.Tensor) -> dict[st
         "categories": result["categories"],
         "defect_types": mean_over_categories(result["defect_types"]),
         "defect_types_by_category": result["defect_types"],
+        "defect_images": defect_image_counts(test),
     }
+
+
+def defect_image_counts(test: InMemory) -> dict[str, int]:
+    """How many anomalous test images each defect type has (a per-type value from few images is noise)."""
+    counts: dict[str, int] = {}
+    for label, defect in zip(test.labels.tolist(), test.defect_types):
+        if label == 1:
+            counts[defect] = counts.get(defect, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def mean_over_categories(by_category: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:

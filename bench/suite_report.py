@@ -15,6 +15,7 @@ QUALITY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
 SPEED_KEYS = ("test_images", "train_s", "images_per_s", "ms_per_image", "fit_peak_rss_delta_mb", "infer_peak_rss_delta_mb",
               "unet_passes_per_image", "batch_size")
 SUBTLE_DEFECTS = ("faint_scratch", "faint_stain")
+GAIN_KEYS = ("pixel_auroc", "aupro", "image_auroc")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -105,17 +106,82 @@ def quality_table(doc: dict, summary: dict) -> str:
     return _table(header, rows)
 
 
+def subset_methods(doc: dict) -> dict[str, int]:
+    """Methods scored on only part of the test split (an expensive one): {method: fewest test images in a run}."""
+    out = {}
+    for method in doc["methods"]:
+        scored = [run["methods"][method]["speed"]["test_images"] for run in doc["runs"]]
+        if any(n < run["dataset"]["test_images"] for n, run in zip(scored, doc["runs"])):
+            out[method] = min(scored)
+    return out
+
+
+def breakdown_methods(doc: dict, section: str) -> list[str]:
+    """Per-defect-type tables leave out subset-scored methods: a type has only a few of their images."""
+    skip = subset_methods(doc) if section == "defect_types" else {}
+    return [m for m in doc["methods"] if m not in skip]
+
+
 def breakdown_table(doc: dict, summary: dict, section: str, metric: str) -> str:
-    names = sorted({row for m in doc["methods"] for row in summary[m][section]})
+    methods = breakdown_methods(doc, section)
+    names = sorted({row for m in methods for row in summary[m][section]})
     header = ["method", *(f"*{n}*" if n in SUBTLE_DEFECTS else n for n in names)]
     rows, values = [], []
-    for method in doc["methods"]:
+    for method in methods:
         table = summary[method][section]
         got = [table.get(n, {}).get(metric, float("nan")) for n in names]
         rows.append([method, *(_fmt(v) for v in got)])
         values.append(got)
     _bold_best(rows, values)
     return _table(header, rows)
+
+
+def refinement_gain(summary: dict, full: str = "drdc", base: str = "drdc_base_only") -> dict[str, dict[str, float]]:
+    """{defect type: {metric: full − base}}: what the diffusion refinement adds to the base map, per defect type."""
+    if full not in summary or base not in summary:
+        return {}
+    mine, theirs = summary[full]["defect_types"], summary[base]["defect_types"]
+    return {d: {k: mine[d][k] - theirs[d][k] for k in GAIN_KEYS} for d in sorted(mine) if d in theirs}
+
+
+def refinement_gain_table(gain: dict[str, dict[str, float]]) -> str:
+    names = list(gain)
+    header = ["drdc − drdc_base_only", *(f"*{n}*" if n in SUBTLE_DEFECTS else n for n in names)]
+    rows = [[key, *(f"{gain[n][key]:+.3f}" for n in names)] for key in GAIN_KEYS]
+    return _table(header, rows)
+
+
+def refinement_sentence(gain: dict[str, dict[str, float]]) -> str:
+    by_aupro = sorted(gain, key=lambda d: gain[d]["aupro"], reverse=True)
+    helped = [d for d in by_aupro if gain[d]["aupro"] > 0.005]
+    hurt = [d for d in by_aupro if gain[d]["aupro"] < -0.005]
+    parts = []
+    if helped:
+        parts.append("refinement raises AUPRO most on " + ", ".join(f"{d} ({gain[d]['aupro']:+.3f})" for d in helped[:3]))
+    if hurt:
+        parts.append("it lowers AUPRO on " + ", ".join(f"{d} ({gain[d]['aupro']:+.3f})" for d in hurt))
+    if not parts:
+        return "Refinement changes no defect type's AUPRO by more than 0.005."
+    text = "; ".join(parts) + "."
+    return text[0].upper() + text[1:]
+
+
+def defect_counts_line(doc: dict) -> str:
+    """'Anomalous test images per seed: cut_paste 22, …' from a method scored on the whole split ('' if unknown)."""
+    full = [m for m in breakdown_methods(doc, "defect_types")
+            if "defect_images" in doc["runs"][0]["methods"][m]["quality"]]
+    if not full:
+        return ""
+    per_seed = [run["methods"][full[0]]["quality"]["defect_images"] for run in doc["runs"]]
+    names = sorted({d for counts in per_seed for d in counts})
+    shown = ", ".join(f"{d} {'/'.join(str(c.get(d, 0)) for c in per_seed)}" for d in names)
+    return f"Anomalous test images per type (seed {'/'.join(str(r['seed']) for r in doc['runs'])}): {shown}."
+
+
+def _left_out(doc: dict) -> str:
+    skipped = subset_methods(doc)
+    return "".join(f"; {m} is left out here: it was scored on {n} test images, too few per type"
+                   for m, n in skipped.items())
 
 
 def speed_table(doc: dict, summary: dict) -> str:
@@ -130,6 +196,15 @@ def speed_table(doc: dict, summary: dict) -> str:
     return _table(header, rows)
 
 
+def _gap(winner: dict[str, float], loser: dict[str, float]) -> str:
+    """'by 0.012' and whether that is more than the seed-to-seed spread of either."""
+    gap = winner["mean"] - loser["mean"]
+    spread = max(winner.get("std") or 0.0, loser.get("std") or 0.0)
+    if spread > 0 and not math.isnan(spread):
+        return f"by {gap:.3f} ({'more' if gap > spread else 'less'} than the seed spread ±{spread:.3f})"
+    return f"by {gap:.3f}"
+
+
 def losses(doc: dict, summary: dict, reference: str = "drdc") -> list[str]:
     """Plain sentences: where another method beats DRDC (mean metrics and subtle defect types)."""
     if reference not in summary:
@@ -137,17 +212,22 @@ def losses(doc: dict, summary: dict, reference: str = "drdc") -> list[str]:
     out = []
     ref = summary[reference]
     for key in QUALITY_KEYS:
-        better = [m for m in doc["methods"] if m != reference
-                  and summary[m]["mean"][key]["mean"] > ref["mean"][key]["mean"]]
+        better = sorted((m for m in doc["methods"] if m != reference
+                         and summary[m]["mean"][key]["mean"] > ref["mean"][key]["mean"]),
+                        key=lambda m: -summary[m]["mean"][key]["mean"])
         if better:
-            out.append(f"mean {key}: {', '.join(better)} beat {reference} ({_fmt(ref['mean'][key])})")
+            best = summary[better[0]]["mean"][key]
+            others = f" (also {', '.join(better[1:])})" if better[1:] else ""
+            out.append(f"mean {key}: {better[0]} {_fmt(best['mean'])} vs {reference} {_fmt(ref['mean'][key]['mean'])}, "
+                       f"{_gap(best, ref['mean'][key])}{others}")
     for defect in SUBTLE_DEFECTS:
         if defect in ref["defect_types"]:
             mine = ref["defect_types"][defect]["pixel_auroc"]
-            better = [m for m in doc["methods"] if m != reference
+            better = [m for m in breakdown_methods(doc, "defect_types") if m != reference
                       and summary[m]["defect_types"].get(defect, {}).get("pixel_auroc", -1) > mine]
             if better:
-                out.append(f"{defect} pixel AUROC: {', '.join(better)} beat {reference} ({_fmt(mine)})")
+                shown = ", ".join(f"{m} {_fmt(summary[m]['defect_types'][defect]['pixel_auroc'])}" for m in better)
+                out.append(f"{defect} pixel AUROC: {shown} vs {reference} {_fmt(mine)}")
     return out
 
 
@@ -164,10 +244,18 @@ def markdown(doc: dict, summary: dict, figures: dict[str, str]) -> str:
         "All methods use the profile's backbone and `AnomalyEvaluator`; values are mean ± std over seeds.",
         "**Quality** (unweighted mean over categories; best in bold)", quality_table(doc, summary),
         "**Pixel AUROC per category**", breakdown_table(doc, summary, "categories", "pixel_auroc"),
-        "**Pixel AUROC per defect type** (that type's test images plus all good ones; subtle types in italics)",
+        "**Pixel AUROC per defect type** (that type's test images plus all good ones; subtle types in italics"
+        f"{_left_out(doc)})",
+        *filter(None, [defect_counts_line(doc)]),
         breakdown_table(doc, summary, "defect_types", "pixel_auroc"),
         "**AUPRO per defect type**", breakdown_table(doc, summary, "defect_types", "aupro"),
         "**Image AUROC per defect type** (that type vs good)", breakdown_table(doc, summary, "defect_types", "image_auroc"),
+    ]
+    gain = refinement_gain(summary)
+    if gain:
+        parts += ["**What refinement adds, per defect type** (full DRDC minus its base branch alone; same weights)",
+                  refinement_gain_table(gain), refinement_sentence(gain)]
+    parts += [
         "**Speed and memory** (inference over the test split after a one-image warm-up; peak RSS sampled every "
         "10 ms, minus RSS at the start; the DRDC variants and reverse diffusion share one trained model, "
         "so they report its training)", speed_table(doc, summary),

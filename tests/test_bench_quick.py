@@ -19,7 +19,16 @@ from bench.__main__ import RESULT_FILES, main  # noqa: E402
 from bench.methods import METHOD_NAMES  # noqa: E402
 from bench.methods.padim import Gaussians  # noqa: E402
 from bench.methods.patchcore import greedy_coreset  # noqa: E402
-from bench.suite_report import README_END, README_START, rewrite_readme  # noqa: E402
+from bench.suite_report import (  # noqa: E402
+    README_END,
+    README_START,
+    breakdown_table,
+    defect_counts_line,
+    quality_table,
+    refinement_gain,
+    rewrite_readme,
+    summarise,
+)
 from dcad.core.data import open_dataset  # noqa: E402
 from dcad.core.metrics import DEFECT_METRIC_KEYS, METRIC_KEYS  # noqa: E402
 
@@ -114,6 +123,73 @@ def test_summary_figures_and_readme(quick_run):
     assert "old" in readme.read_text()  # --quick never rewrites a README
 
 
+@pytest.mark.slow
+def test_defect_image_counts_match_the_dataset(quick_run):
+    for run in quick_run[0]["runs"]:
+        index = open_dataset(run["dataset"]["root"])
+        truth: dict[str, int] = {}
+        for record in index.test:
+            if record.label == 1:
+                truth[record.defect_type] = truth.get(record.defect_type, 0) + 1
+        assert run["methods"]["drdc"]["quality"]["defect_images"] == truth
+        subset = run["methods"]["reverse_diffusion"]["quality"]["defect_images"]
+        assert set(subset) <= set(truth) and all(subset[d] <= truth[d] for d in subset)
+
+
+@pytest.mark.slow
+def test_report_only_rerenders_tables_from_the_json(quick_run):
+    doc, out, readme = quick_run
+    results = out / "results"
+    heatmaps = results / RESULT_FILES["heatmaps"]
+    heatmap_bytes = heatmaps.read_bytes()
+    (results / RESULT_FILES["markdown"]).unlink()
+    (results / RESULT_FILES["quality_latency"]).unlink()
+    assert main(["--report-only", "--out", str(results), "--readme", str(readme)]) == 0
+    table = (results / RESULT_FILES["markdown"]).read_text()
+    assert all(f"| {name} |" in table for name in METHOD_NAMES)
+    assert (results / RESULT_FILES["quality_latency"]).read_bytes()[:8] == PNG_MAGIC
+    assert heatmaps.read_bytes() == heatmap_bytes  # kept: the samples are not in the JSON
+    assert "old" in readme.read_text()  # a quick run's results never reach a README
+
+
+def test_report_only_without_results_fails_in_one_line(tmp_path, capsys):
+    assert main(["--report-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "suite.json" in err and "python -m bench" in err
+    (tmp_path / RESULT_FILES["json"]).write_text('{"schema": "something else"}')
+    assert main(["--report-only", "--out", str(tmp_path)]) == 2
+    assert "dcad.bench.suite/1" in capsys.readouterr().err
+
+
+def _method_result(value: float, test_images: int) -> dict:
+    metrics = {"image_auroc": value, "pixel_auroc": value, "aupro": value, "pixel_ap": value}
+    speed = {"test_images": test_images, "train_s": 1.0, "images_per_s": 1.0, "ms_per_image": 1000.0,
+             "fit_peak_rss_delta_mb": 0.0, "infer_peak_rss_delta_mb": 0.0, "unet_passes_per_image": 0,
+             "batch_size": 1}
+    defects = {"faint_scratch": {k: v for k, v in metrics.items() if k != "pixel_ap"} | {"pixel_ap": value},
+               "hole": {k: value + 0.01 for k in metrics}}
+    return {"quality": {"mean": metrics, "categories": {"brick": metrics}, "defect_types": defects,
+                        "defect_images": {"faint_scratch": min(test_images, 3), "hole": 4}},
+            "speed": speed}
+
+
+def test_defect_tables_leave_out_subset_methods_and_gain_is_full_minus_base():
+    methods = {"drdc": 0.9, "drdc_base_only": 0.8, "reverse_diffusion": 0.99}
+    doc = {"methods": {m: {"multi_class": True} for m in methods},
+           "runs": [{"seed": 7, "dataset": {"test_images": 20},
+                     "methods": {m: _method_result(v, 5 if m == "reverse_diffusion" else 20)
+                                 for m, v in methods.items()}}]}
+    summary = summarise(doc)
+    assert "| reverse_diffusion |" in quality_table(doc, summary)  # the mean table keeps it, with its image count
+    defect_table = breakdown_table(doc, summary, "defect_types", "pixel_auroc")
+    assert "reverse_diffusion" not in defect_table and "| drdc |" in defect_table
+    assert "reverse_diffusion" in breakdown_table(doc, summary, "categories", "pixel_auroc")
+    gain = refinement_gain(summary)
+    assert set(gain) == {"faint_scratch", "hole"}
+    assert gain["hole"]["aupro"] == pytest.approx(0.1) and gain["faint_scratch"]["image_auroc"] == pytest.approx(0.1)
+    assert defect_counts_line(doc) == "Anomalous test images per type (seed 7): faint_scratch 3, hole 4."
+
+
 def test_readme_markers_are_created_under_the_heading_and_then_replaced(tmp_path):
     readme = tmp_path / "README.md"
     original = "# t\n\n## Benchmarks\n\nScripts are in bench/.\n\n## Other\n\ntext\n"
@@ -156,3 +232,14 @@ def test_evaluation_subset_spans_the_split_and_keeps_the_figure_images():
     assert chosen == sorted(set(chosen)) and {7, 100} <= set(chosen) and len(chosen) <= 26
     assert {categories[i] for i in chosen} == set(categories)
     assert evaluation_indices(10, None, keep=[3]) == evaluation_indices(10, 50, keep=[]) == list(range(10))
+
+
+def test_patchcore_keeps_small_banks_whole_and_subsamples_large_ones():
+    from bench.methods.patchcore import PatchCore
+
+    points = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+    method = PatchCore(coreset_ratio=0.1, min_bank=100)
+    assert torch.equal(method.subsample(points[:80], seed=0), points[:80])
+    bank = method.subsample(points, seed=0)
+    assert len(bank) == 100 and len(torch.unique(bank, dim=0)) == 100  # max(10 % of 300, 100) distinct patches
+    assert len(PatchCore(coreset_ratio=0.5, min_bank=100).subsample(points, seed=0)) == 150

@@ -58,3 +58,23 @@ def test_refine_only_needs_a_refiner():
         net = DRDC(cfg, ["a"])
     with pytest.raises(ConfigError, match="without a refiner"):
         with_inference_overrides(net, ["ablation.mode=refine_only"])
+
+
+def test_score_maps_re_scores_one_pass_as_any_ablation(model):
+    """The refinement-only map re-scored from a full pass equals a refinement-only pass (no second denoising)."""
+    images = torch.rand(2, 3, model.image_size, model.image_size)
+    cats = torch.tensor([1, 0])
+    full = model(images, cats)
+    base_z = model.calibration.standardise_base(full.base_map)
+    again, scores = model.score_maps(base_z, full.refine_maps, full.category_index)
+    torch.testing.assert_close(again, full.anomaly_map)
+    torch.testing.assert_close(scores, full.image_score)
+    with_inference_overrides(model, ["ablation.mode=refine_only"])
+    try:
+        refine = model(images, cats)
+    finally:
+        with_inference_overrides(model, ["ablation.mode=full"])
+    rescored, rescored_scores = model.score_maps(base_z, full.refine_maps, full.category_index, "refine_only")
+    torch.testing.assert_close(rescored, refine.anomaly_map)
+    torch.testing.assert_close(rescored_scores, refine.image_score)
+    assert not torch.allclose(rescored, full.anomaly_map)

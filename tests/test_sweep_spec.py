@@ -219,3 +219,23 @@ def test_pareto_front_and_best_of_two_objectives():
     front = {r.trial_id for r in pareto_front(records, spec)}
     assert front == {"fast", "good", "middle"}
     assert best_trial(records, spec).trial_id == "good"
+
+
+def test_resumed_sweep_keeps_its_tracking_store(monkeypatch):
+    from dcad.platform.sweep.runner import choose_tracking_uri
+    from dcad.platform.sweep.state import SweepError, SweepState
+
+    spec = parse_sweep_spec(spec_with(tracking_uri="sqlite:///spec.db"), "unit.yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert choose_tracking_uri(spec, None, None) == "sqlite:///env.db"  # new sweep: env before the spec
+    assert choose_tracking_uri(spec, None, "sqlite:///flag.db") == "sqlite:///flag.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert choose_tracking_uri(spec, None, None) == "sqlite:///spec.db"
+    state = SweepState("unit", "d", "sqlite:///study.db", "run1", "http://u:hunter2@mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert choose_tracking_uri(spec, state, None) == state.tracking_uri  # the parent run's store wins
+    assert choose_tracking_uri(spec, state, state.tracking_uri) == state.tracking_uri
+    with pytest.raises(SweepError) as info:
+        choose_tracking_uri(spec, state, "sqlite:///other.db")
+    message = str(info.value)
+    assert "keeps its store" in message and "other.db" in message and "hunter2" not in message

@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from dcad.cli.console import console, err_console
-from dcad.cli.tracking import TRACKING_URI_OPTION
 
 INTERRUPTED_EXIT = 130
 
@@ -20,7 +19,9 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted sweep of this name and storage."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the trial plan and resources; start nothing."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: local Ray)."),
-    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI of a new sweep (default: MLFLOW_TRACKING_URI, else the "
+        "spec's, else the sqlite store under ./.dcad/); a resumed sweep keeps the store it was started with."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Where the sweep lives (a directory or s3://…; default: the spec's storage)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the sweep result (trials, best trial) as JSON here."),
 ) -> None:

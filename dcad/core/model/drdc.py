@@ -116,20 +116,24 @@ class DRDC(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor, category_index: Tensor | None = None) -> Prediction:
         base_map, base_z, refine_maps, category_index = self.raw_maps(images, category_index)
-        if refine_maps is None:
+        final, scores = self.score_maps(base_z, refine_maps, category_index)
+        return Prediction(base_map, refine_maps, final, scores, category_index)
+
+    @torch.no_grad()
+    def score_maps(self, base_z: Tensor, refine_maps: Tensor | None, category_index: Tensor,
+                   mode: str | None = None) -> tuple[Tensor, Tensor]:
+        """(final map, image scores) from the standardised base map and the raw refinement maps.
+
+        `mode` ("full", "refine_only"; default the config's `ablation.mode`) re-scores maps already computed,
+        so an ablation needs no second pass through the denoiser."""
+        mode = mode or self.cfg.ablation.mode
+        if refine_maps is None or mode == "base_only":
             final = gaussian_blur(base_z, self.cfg.fusion.blur_sigma)
         else:
             refine_z = self.calibration.refine.standardise(refine_maps, category_index)
-            final = fuse(
-                base_z,
-                refine_z,
-                self.cfg.fusion,
-                self.cfg.refiner.timesteps,
-                self.cfg.refiner.patch_sizes,
-                refine_only=self.cfg.ablation.mode == "refine_only",
-            )
-        scores = image_score(final, self.cfg.fusion.pool_kernel)
-        return Prediction(base_map, refine_maps, final, scores, category_index)
+            final = fuse(base_z, refine_z, self.cfg.fusion, self.cfg.refiner.timesteps, self.cfg.refiner.patch_sizes,
+                         refine_only=mode == "refine_only")
+        return final, image_score(final, self.cfg.fusion.pool_kernel)
 
 
 # Config keys that change only how a trained model scores images (not its weights or statistics).

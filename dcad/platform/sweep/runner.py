@@ -12,6 +12,7 @@ restart with the same trial id and their Ray Train run continues from its checkp
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -88,9 +89,25 @@ def plan_sweep(
     if state is not None and state.spec_digest != spec_digest(spec):
         raise SweepError(f"sweep '{spec.name}' in {where.describe()} was started from a different spec "
                          "(search space, objectives, base or trial count changed); use a new name")
-    uri = tracking_uri or spec.tracking_uri or (state.tracking_uri if state else None)
+    uri = choose_tracking_uri(spec, state, tracking_uri)
     study = state.study_storage if state else study_url(spec, where.local_dir)
     return SweepPlan(spec, where, state, resume, uri, address, study, total_epochs(spec.base_config()))
+
+
+def choose_tracking_uri(spec: SweepSpec, state: SweepState | None, explicit: str | None) -> str | None:
+    """The MLflow store of the sweep (None: the embedded default, resolved when it runs).
+
+    A resumed sweep keeps the store its parent run lives in, whatever the environment says; a
+    `--tracking-uri` naming another store is refused. A new sweep: `--tracking-uri`, else
+    `MLFLOW_TRACKING_URI`, else the spec's `tracking_uri`."""
+    from dcad.platform.secrets import redact
+
+    if state is not None and state.tracking_uri:
+        if explicit and explicit != state.tracking_uri:
+            raise SweepError(f"--tracking-uri {redact(explicit)}: sweep '{spec.name}' logs to "
+                             f"{redact(state.tracking_uri)}; a resumed sweep keeps its store (drop --tracking-uri)")
+        return state.tracking_uri
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking_uri
 
 
 def run_sweep(
