@@ -81,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def results_dir(args: argparse.Namespace) -> Path:
+    return args.out or Path(".dcad/bench-quick" if args.quick else "bench/results")
+
+
 def options_from(args: argparse.Namespace) -> SuiteOptions:
     quick = args.quick
     categories = tuple(args.categories.split(",")) if args.categories else (QUICK_CATEGORIES if quick else None)
@@ -93,7 +97,7 @@ def options_from(args: argparse.Namespace) -> SuiteOptions:
         config_path=model / "config.yaml" if model else None,
         seeds=args.seeds or ([0] if quick else [0, 1]),
         methods=args.methods,
-        out=args.out or Path(".dcad/bench-quick" if quick else "bench/results"),
+        out=results_dir(args),
         cache=args.cache,
         synth=synth,
         overrides=(QUICK_OVERRIDES if quick else []) + args.overrides,
@@ -137,7 +141,7 @@ def read_results(path: Path) -> dict:
 
 
 def report_only(args: argparse.Namespace) -> int:
-    out = args.out or Path(".dcad/bench-quick" if args.quick else "bench/results")
+    out = results_dir(args)
     doc = read_results(out / RESULT_FILES["json"])
     readme = None if doc.get("quick") or args.no_readme else args.readme
     write_results(doc, None, out, readme)

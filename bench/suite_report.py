@@ -122,10 +122,15 @@ def breakdown_methods(doc: dict, section: str) -> list[str]:
     return [m for m in doc["methods"] if m not in skip]
 
 
+def _column_names(names: list[str]) -> list[str]:
+    """Table headers: subtle defect types in italics."""
+    return [f"*{n}*" if n in SUBTLE_DEFECTS else n for n in names]
+
+
 def breakdown_table(doc: dict, summary: dict, section: str, metric: str) -> str:
     methods = breakdown_methods(doc, section)
     names = sorted({row for m in methods for row in summary[m][section]})
-    header = ["method", *(f"*{n}*" if n in SUBTLE_DEFECTS else n for n in names)]
+    header = ["method", *_column_names(names)]
     rows, values = [], []
     for method in methods:
         table = summary[method][section]
@@ -146,7 +151,7 @@ def refinement_gain(summary: dict, full: str = "drdc", base: str = "drdc_base_on
 
 def refinement_gain_table(gain: dict[str, dict[str, float]]) -> str:
     names = list(gain)
-    header = ["drdc − drdc_base_only", *(f"*{n}*" if n in SUBTLE_DEFECTS else n for n in names)]
+    header = ["drdc − drdc_base_only", *_column_names(names)]
     rows = [[key, *(f"{gain[n][key]:+.3f}" for n in names)] for key in GAIN_KEYS]
     return _table(header, rows)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from dcad.platform.stack.procs import descendants, read_cmdline
 from fixtures_servers import HOST, free_port
 
 NODE_START_TIMEOUT_S = 120
@@ -76,32 +77,6 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def descendants(pid: int) -> list[int]:
-    """All descendant pids of `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _node_ports(head: bool) -> list[str]:
@@ -182,7 +157,7 @@ class LoopbackCluster:
         """Pids of the Ray Train worker processes of this cluster (optionally of one node)."""
         nodes = self.nodes if node_index is None else [self.nodes[node_index]]
         pids = [p for n in nodes for p in descendants(n.proc.pid)]
-        return [p for p in pids if "RayTrainWorker" in cmdline(p)]
+        return [p for p in pids if "RayTrainWorker" in " ".join(read_cmdline(p) or ())]
 
     def stop(self) -> None:
         for node in reversed(self.nodes):

@@ -43,9 +43,14 @@ def default_tracking_uri(home: Path | None = None) -> str:
     return f"sqlite:///{(home or dcad_home()) / DB_FILE}"
 
 
-def resolve_tracking_uri(explicit: str | None = None) -> str:
-    """`--tracking-uri`, else `MLFLOW_TRACKING_URI`, else the embedded sqlite store."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+def requested_tracking_uri(explicit: str | None = None, configured: str | None = None) -> str | None:
+    """`--tracking-uri`, else `MLFLOW_TRACKING_URI`, else a spec's `tracking_uri`; None: the default store."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or configured
+
+
+def resolve_tracking_uri(explicit: str | None = None, configured: str | None = None) -> str:
+    """`requested_tracking_uri`, else the embedded sqlite store."""
+    return requested_tracking_uri(explicit, configured) or default_tracking_uri()
 
 
 def is_server_uri(uri: str) -> bool:

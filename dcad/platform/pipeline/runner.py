@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +79,7 @@ def _prepare(source: Path, resume: bool, tracking_uri: str | None, device: str |
     """Load the spec; the run record, the state (recorded with --resume, else fresh) and the steps' context."""
     spec = load_pipeline(source)
     work_dir = work_dir_of(spec)
-    uri = resolve_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri, spec.tracking_uri)
     run = PipelineRun(spec, source, work_dir, work_dir / STATE_FILE, uri)
     origin = str(source.resolve())
     state = PipelineState.load(run.state_file, spec.name, origin) if resume else PipelineState.fresh(run.state_file, spec.name, origin)

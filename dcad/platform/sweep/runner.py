@@ -12,7 +12,6 @@ restart with the same trial id and their Ray Train run continues from its checkp
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -101,13 +100,14 @@ def choose_tracking_uri(spec: SweepSpec, state: SweepState | None, explicit: str
     `--tracking-uri` naming another store is refused. A new sweep: `--tracking-uri`, else
     `MLFLOW_TRACKING_URI`, else the spec's `tracking_uri`."""
     from dcad.platform.secrets import redact
+    from dcad.platform.store import requested_tracking_uri
 
     if state is not None and state.tracking_uri:
         if explicit and explicit != state.tracking_uri:
             raise SweepError(f"--tracking-uri {redact(explicit)}: sweep '{spec.name}' logs to "
                              f"{redact(state.tracking_uri)}; a resumed sweep keeps its store (drop --tracking-uri)")
         return state.tracking_uri
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking_uri
+    return requested_tracking_uri(explicit, spec.tracking_uri)
 
 
 def run_sweep(
