@@ -144,3 +144,20 @@ def test_leaderboard_pareto_errors(sweep_store, capsys):
     assert unknown.code == 2 and "no run with this id and no sweep with this name" in unknown.err
     not_sweep = run_dcad(capsys, "leaderboard", "--parent", ids["fast"], "--pareto", "--tracking-uri", uri)
     assert not_sweep.code == 2 and "records no sweep objectives" in not_sweep.err
+
+
+def test_stopped_trials_end_killed_even_when_their_handler_said_failed(tmp_path):
+    from dcad.platform.store import mlflow_client
+    from dcad.platform.sweep.reporting import TrialRecord, mark_stopped_children
+
+    client = mlflow_client(sqlite_uri(tmp_path))
+    experiment = client.create_experiment("stops")
+    runs = {name: client.create_run(experiment).info.run_id for name in ("stopped", "crashed", "cut", "done")}
+    client.set_terminated(runs["stopped"], "FAILED")  # an ASHA stop that reached the trial as an exception
+    client.set_terminated(runs["crashed"], "FAILED")  # a real failure
+    client.set_terminated(runs["done"], "FINISHED")
+    records = [TrialRecord("a", "stopped", {}, runs["stopped"]), TrialRecord("b", "failed", {}, runs["crashed"]),
+               TrialRecord("c", "incomplete", {}, runs["cut"]), TrialRecord("d", "finished", {}, runs["done"])]
+    mark_stopped_children(client, records)
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"stopped": "KILLED", "crashed": "FAILED", "cut": "KILLED", "done": "FINISHED"}

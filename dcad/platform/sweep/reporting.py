@@ -171,12 +171,15 @@ def record_outcome(tracker, result: SweepResult, spec: SweepSpec) -> None:
 
 
 def mark_stopped_children(client, records: list[TrialRecord]) -> None:
-    """Children that ASHA stopped or an interruption left behind are ended as KILLED (not left RUNNING)."""
+    """Children that ASHA stopped or an interruption left behind are ended as KILLED (not left RUNNING).
+
+    An ASHA stop can reach the trial function as an exception, whose handler ends the run FAILED;
+    the stop is what happened, so such a run becomes KILLED too."""
     for r in records:
         if r.run_id and r.status in ("stopped", "incomplete"):
             try:
                 run = client.get_run(r.run_id)
-                if run.info.status == "RUNNING":
+                if run.info.status == "RUNNING" or (r.status == "stopped" and run.info.status == "FAILED"):
                     client.set_tag(r.run_id, "dcad.trial_status", r.status)
                     client.set_terminated(r.run_id, "KILLED")
             except Exception:  # noqa: BLE001 - best effort; the sweep's own result is what matters
