@@ -62,23 +62,26 @@ def test_predict_writes_maps_overlays_and_scores(trained, tmp_path):
     images = sorted((trained.data).glob("*/test/*/*.png"))[:6]
     src = tmp_path / "in"
     src.mkdir()
-    for i, p in enumerate(images):  # different sizes and modes are converted
+    for i, p in enumerate(images):  # different sizes and modes are converted; the same stem in two folders
         img = Image.open(p)
         img = img.convert("L") if i % 2 else img.resize((100, 80))
-        img.save(src / f"{i}_{p.parent.parent.parent.name}.png")
+        (src / f"part{i % 2}").mkdir(exist_ok=True)
+        img.save(src / f"part{i % 2}" / f"{i // 2}.png")
     out = tmp_path / "pred"
     proc = dcad("predict", str(trained.model_dir), str(src), "--out", str(out), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == len(images)
     meta = json.loads((trained.model_dir / "dcad_model.json").read_text())
+    assert len({r["map"] for r in rows}) == len(rows), "each image gets its own map"
     for row in rows:
-        stem = Path(row["path"]).stem
-        assert (out / "maps" / f"{stem}.png").is_file() and (out / "overlays" / f"{stem}.png").is_file()
+        folder, stem = Path(row["path"]).parts[-2:]
+        assert row["map"] == f"maps/{folder}__{Path(stem).stem}.png", "the map is named after the image's path"
+        assert (out / row["map"]).is_file() and (out / row["overlay"]).is_file()
         assert row["category_source"] == "predicted" and row["category"] in meta["categories"]
         assert (row["decision"] == "anomalous") == (float(row["score"]) > meta["image_threshold"])
         assert 0.0 <= float(row["normalized_score"]) <= 1.0
-    overlay = np.asarray(Image.open(out / "overlays" / f"{Path(rows[0]['path']).stem}.png"))
+    overlay = np.asarray(Image.open(out / rows[0]["overlay"]))
     assert overlay.shape == (80, 100, 3)  # maps come back at the input's own size
 
 

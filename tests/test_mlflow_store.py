@@ -73,6 +73,32 @@ def test_unreachable_server_fails_before_training_starts(in_tmp, capsys):
     assert "tracking server" not in ok.err and "no such dataset directory" in ok.err  # --no-track: no server contact
 
 
+def test_train_with_a_bad_argument_opens_no_run(in_tmp, capsys, tiny_dataset):
+    from dcad.platform.store import mlflow_client
+
+    uri = sqlite_uri(in_tmp / "store")
+    busy = in_tmp / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("user data")
+    mistakes = {
+        "unknown profile": ["--profile", "nope"],
+        "bad override": ["--set", "train.base.epochs=many"],
+        "missing data": ["--data", str(in_tmp / "no-data")],
+        "unknown category": ["--set", "data.categories=[nosuchthing]"],
+        "non-empty output": ["--output", str(busy)],
+        "bad device": ["--device", "tpu"],
+    }
+    for what, args in mistakes.items():
+        base = {"--data": str(tiny_dataset), "--output": str(in_tmp / "out"), "--profile": "tiny"}
+        base.update(dict(zip(args[::2], args[1::2])))
+        result = run_dcad(capsys, "train", *[x for kv in base.items() for x in kv], "--tracking-uri", uri)
+        assert result.code == 2, (what, result.err)
+        assert len(result.err.strip().splitlines()) == 1, (what, result.err)
+    client = mlflow_client(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs == [], f"{len(runs)} run(s) left by mistakes: {[r.info.status for r in runs]}"
+    assert (busy / "keep.txt").read_text() == "user data" and not (in_tmp / "out").exists()
+
 def test_redact_masks_credentials_from_the_environment_and_urls(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
@@ -124,33 +150,43 @@ def test_leaderboard_ranks_runs_with_the_metric(board_store, capsys):
 
 
 # ---- dcad ui -------------------------------------------------------------------------------------
+def _serving(address: str) -> bool:
+    try:
+        return requests.get(address + "/health", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
 @pytest.mark.slow
-def test_ui_serves_the_local_store_on_localhost(in_tmp):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_ui_serves_the_local_store_on_localhost_and_stops_with_its_children(in_tmp, sig):
+    from dcad.platform.stack import procs
+
     tracker = start_run(TrackingOptions(experiment="seen-in-ui"), "eval")
     tracker.finish()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcad.cli.app", "ui", "--port", "0"],
-        cwd=in_tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "dcad.cli.app", "ui", "--port", "0"], cwd=in_tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         assert match, line
         address = match.group(0)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(address + "/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
+        while not _serving(address):
+            assert proc.poll() is None and time.monotonic() < deadline, "the UI never served"
+            time.sleep(0.5)
         found = requests.get(address + "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "seen-in-ui"}, timeout=10)
         assert found.ok and found.json()["experiment"]["name"] == "seen-in-ui"
+        family = procs.descendants(proc.pid)
+        assert family, "the server runs as a child of `dcad ui`"
+        proc.send_signal(sig)  # to dcad alone, as `kill PID` or a supervisor would send it
+        assert proc.wait(timeout=40) == 0
+        stderr = proc.stderr.read()
+        assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+        alive = [procs.read_cmdline(pid) for pid in family if procs.read_cmdline(pid)]
+        assert not alive, f"left running after {sig.name}: {alive}"
+        assert not _serving(address)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()

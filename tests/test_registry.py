@@ -210,3 +210,18 @@ def test_nan_metrics_survive_the_version_tags(store):
     registry.promote(client, registry.PromotionRequest("dcad-nan", run), evaluate)
     recorded = registry.recorded_metrics(client.get_model_version("dcad-nan", "1"), registry._digest(registry.evaluation_data(client.get_run(run), None)))
     assert math.isnan(recorded["categories"]["cat_b"]["image_auroc"])
+
+
+def test_the_floor_keeps_a_model_below_it_from_any_alias_first_holder_included(store):
+    _, client, make_run, evaluate, _ = store
+    poor, good = make_run(result(0.45, 0.40)), make_run(result(0.8, 0.7))
+    refused = registry.promote(client, registry.PromotionRequest("dcad-floor", poor), evaluate)
+    assert (refused.decision, refused.moved) == ("refused", False)
+    assert refused.gate.below_floor == {"image_auroc": pytest.approx(0.425)}
+    assert "below the floor 0.6" in refused.refusal()
+    assert "champion" not in client.get_registered_model("dcad-floor").aliases
+    assert client.get_model_version("dcad-floor", refused.version).tags["dcad.gate.champion.result"] == "refused"
+    first = registry.promote(client, registry.PromotionRequest("dcad-floor", good), evaluate)
+    assert (first.decision, first.moved) == ("first", True)
+    unfloored = check_gate(result(0.45, 0.40), None, ("image_auroc",), 0.01, floor=0.0)
+    assert unfloored.passed and check_gate(result(0.45, 0.40), None, ("image_auroc",), 0.01, floor=0.5).below_floor

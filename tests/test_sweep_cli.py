@@ -48,20 +48,28 @@ def test_dry_run_prints_the_plan_without_starting_anything(spec_file, capsys, tm
     assert not (tmp_path / "sweeps").exists()  # nothing written
 
 
-def test_an_existing_sweep_needs_resume_and_resume_needs_a_sweep(spec_file, capsys):
+def test_a_spec_run_again_is_a_new_numbered_sweep_and_resume_takes_the_latest(spec_file, capsys):
     from dcad.platform.sweep import load_sweep_spec
+    from dcad.platform.sweep.runner import numbered
     from dcad.platform.sweep.state import SweepState, spec_digest, sweep_dir
 
     missing = run_dcad(capsys, "sweep", str(spec_file), "--resume", "--dry-run")
     assert missing.code == 2
     assert "nothing to resume: no sweep 'clitest'" in missing.err and "Traceback" not in missing.err
     spec = load_sweep_spec(spec_file)
-    where = sweep_dir(spec)
-    where.write_state(SweepState(spec.name, spec_digest(spec), "sqlite:///x.db", "parent123"))
-    again = run_dcad(capsys, "sweep", str(spec_file), "--dry-run")
-    assert again.code == 2 and "already exists" in again.err and "--resume" in again.err
+    sweep_dir(spec).write_state(SweepState(spec.name, spec_digest(spec), "sqlite:///x.db", "parent123"))
+    again = " ".join(run_dcad(capsys, "sweep", str(spec_file), "--dry-run").out.split())
+    assert "sweep 'clitest' has run before: this is a new sweep 'clitest-2'" in again and "--resume continues 'clitest'" in again
+    assert "sweep 'clitest-2' (new)" in again
     ok = run_dcad(capsys, "sweep", str(spec_file), "--resume", "--dry-run")
-    assert ok.code == 0 and "(resume)" in ok.out
+    assert ok.code == 0 and "sweep 'clitest' (resume)" in " ".join(ok.out.split())
+
+    second = numbered(spec, 2)
+    sweep_dir(second).write_state(SweepState(second.name, spec_digest(spec), "sqlite:///x.db", "parent456"))
+    third = " ".join(run_dcad(capsys, "sweep", str(spec_file), "--dry-run").out.split())
+    assert "this is a new sweep 'clitest-3'" in third and "--resume continues 'clitest-2'" in third
+    latest = run_dcad(capsys, "sweep", str(spec_file), "--resume", "--dry-run")
+    assert "sweep 'clitest-2' (resume)" in " ".join(latest.out.split())
 
 
 def test_a_changed_spec_cannot_resume(spec_file, capsys):

@@ -6,6 +6,7 @@ Both drive `dcad sweep` in a subprocess against one 2-CPU cluster (its own ports
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import time
@@ -141,6 +142,32 @@ def test_sweep_end_to_end(cluster, sweep_data, tmp_path, capsys):
     board = run_dcad(capsys, "leaderboard", "--parent", "e2e", "--pareto", "--json", "--tracking-uri", uri)
     assert board.code == 0, board.err
     assert {r["run_id"] for r in json.loads(board.out)["runs"]} == {r.info.run_id for r in front}
+
+    # The README's main job goes on: promote the registered model (by the run name the leaderboard shows),
+    # evaluate the champion on the sweep's dataset (the model's own categories), predict with it.
+    floor = 0.6
+    promoted = run_dcad(capsys, "promote", "sweep-e2e", "--run", best.info.run_name, "--alias", "champion",
+                        "--floor", str(floor), "--json", "--tracking-uri", uri)
+    assert promoted.code == 0, promoted.err
+    decision = json.loads(promoted.out)
+    assert decision["decision"] == "first" and decision["moved"] and decision["below_floor"] == {}
+    assert client.get_model_version_by_alias("sweep-e2e", "champion").version == version.version
+    evaluated = run_dcad(capsys, "eval", "models:/sweep-e2e@champion", "--data", str(sweep_data), "--json",
+                         str(tmp_path / "champion.json"), "--tracking-uri", uri)
+    assert evaluated.code == 0, evaluated.err
+    metrics = json.loads((tmp_path / "champion.json").read_text())
+    assert set(metrics["categories"]) == {"brick", "hex_nut"}
+    assert metrics["mean"]["image_auroc"] >= floor and metrics["mean"]["pixel_auroc"] >= floor, metrics["mean"]
+    images = sweep_data / "brick" / "test"
+    predicted = run_dcad(capsys, "predict", "models:/sweep-e2e@champion", str(images), "--out", str(tmp_path / "pred"),
+                         "--tracking-uri", uri)
+    assert predicted.code == 0, predicted.err
+    rows = list(csv.DictReader((tmp_path / "pred" / "predictions.csv").open()))
+    assert len(rows) == len(list(images.rglob("*.png"))) and all((tmp_path / "pred" / r["map"]).is_file() for r in rows)
+
+    # ... and the one-liner can be run again: a new sweep of the same spec, not a refusal
+    again = run_dcad(capsys, "sweep", str(spec), "--dry-run", "--address", cluster.address)
+    assert again.code == 0 and "this is a new sweep 'e2e-2'" in " ".join(again.out.split()), again.err
 
 
 def _trial_dirs(storage: Path, name: str) -> list[Path]:

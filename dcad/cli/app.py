@@ -57,6 +57,10 @@ def _root(
 
 
 def main() -> None:
+    import logging
+
+    # MLflow announces creating and migrating a new sqlite store's tables at INFO: not news to a user.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from dcad.cli.common import SHORT
+from dcad.cli.common import SHORT, compact_table, metric_column, params_table
 from dcad.cli.console import console
 from dcad.cli.tracking import TRACKING_URI_OPTION
 from dcad.platform.leaderboard import DEFAULT_METRIC
@@ -43,39 +43,55 @@ def leaderboard(
     if not board.rows:
         console.print(f"no runs with metric '{metric}' in experiment '{board.experiment}'")
         return
-    console.print(leaderboard_table(board))
+    for table in leaderboard_tables(board, console.width):
+        console.print(table)
 
 
-def leaderboard_table(board) -> Table:
+def leaderboard_tables(board, width: int | None = None) -> list[Table]:
+    """The ranking (run names and metrics), then the params that differ between the runs: each readable at 80
+    columns. `dcad promote NAME --run RUN` takes the run name shown (or the id `--json` gives)."""
     order = "↑" if board.ascending else "↓"
     what = "Pareto front" if board.pareto else "Leaderboard"
-    table = Table(title=f"{what}: {board.experiment}, by {board.metric} {order}", title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("run", no_wrap=True)
-    table.add_column("status")
-    for key in board.param_keys:
-        table.add_column(key, overflow="fold")
-    for key in board.metric_keys:
-        table.add_column(metric_header(key), justify="right", style="bold" if key == board.metric else None)
-    with_links = any(r.link for r in board.rows)
-    if with_links:
-        table.add_column("link")
+    statuses = {r.status for r in board.rows}
+    same = next(iter(statuses)) if len(statuses) == 1 else None
+    title = f"{what}: {board.source or board.experiment}, by {board.metric} {order}" + (f" (all {same})" if same else "")
+    keys = list(board.metric_keys)
+    ranking = _ranking(board, title, same, keys)
+    while width and len(keys) > 2 and _min_width(ranking) > width:  # the last metrics give way, not the names
+        keys.pop()
+        ranking = _ranking(board, title, same, keys)
+    params = params_table("Params that differ", [(str(r.rank), r.params) for r in board.rows], board.param_keys)
+    return [ranking] + ([params] if params is not None and len(board.rows) > 1 else [])
+
+
+def _min_width(table: Table) -> int:
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    probe = Console(width=10_000)
+    return Measurement.get(probe, probe.options, table).minimum
+
+
+def _ranking(board, title: str, same: str | None, keys: list[str]) -> Table:
+    ranking = compact_table(title)
+    ranking.add_column("#", justify="right")
+    ranking.add_column("run", no_wrap=True)
+    if same is None:
+        ranking.add_column("status")
+    for key in keys:
+        metric_column(ranking, metric_header(key), style="bold" if key == board.metric else None)
     for r in board.rows:
-        cells = [str(r.rank), f"{r.run_name} {r.run_id[:8]}", r.status]
-        cells += [r.params.get(k, "") for k in board.param_keys]
-        cells += [f"{r.metrics[k]:.4f}" if k in r.metrics else "—" for k in board.metric_keys]
-        if with_links:
-            cells.append(f"[link={r.link}]{r.link}[/link]" if r.link else "")
-        table.add_row(*cells)
-    return table
+        cells = [str(r.rank), r.run_name or r.run_id] + ([] if same else [r.status])
+        ranking.add_row(*cells, *(f"{r.metrics[k]:.3f}" if k in r.metrics else "—" for k in keys))
+    return ranking
 
 
 def metric_header(key: str) -> str:
-    """`test_image_auroc` -> `I-AUROC`, `val_pixel_auroc` -> `val P-AUROC`; other keys as they are."""
+    """`test_image_auroc` -> `I-AUROC`, `val_pixel_auroc` -> `val P-AUROC`, `ms_per_image` -> `ms per image`."""
     for prefix, label in (("test_", ""), ("val_", "val ")):
         if key.startswith(prefix) and key[len(prefix):] in SHORT:
             return label + SHORT[key[len(prefix):]]
-    return key
+    return key.replace("_", " ")  # headers wrap at spaces
 
 
 def register(app: typer.Typer) -> None:

@@ -13,32 +13,33 @@ from dcad.cli.train import MODEL_HELP, resolve_model_dir
 from dcad.core.errors import DcadError
 
 
-def collect_images(inputs: list[Path]) -> list[Path]:
+def collect_images(inputs: list[Path]) -> list[tuple[Path, str]]:
+    """Every image given (directories searched recursively), each with a distinct output name: its path
+    below the directory given with `/` as `__` (`crack__000`), or a file's stem; repeats get `_2`, `_3` …"""
     from dcad.core.data.images import IMAGE_EXTENSIONS
 
-    files: list[Path] = []
+    found: list[tuple[Path, str]] = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not found:
+            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not files:
                 raise DcadError(f"{item}: directory holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-            files.extend(found)
+            found.extend((f, "__".join(f.relative_to(item).with_suffix("").parts)) for f in files)
         elif item.is_file():
-            files.append(item)
+            found.append((item, item.stem))
         else:
             raise DcadError(f"{item}: no such file or directory")
-    return files
+    return _distinct(found)
 
 
-def _unique_stems(files: list[Path]) -> list[str]:
+def _distinct(found: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
     seen: dict[str, int] = {}
-    stems = []
-    for f in files:
-        stem = f.stem
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        stems.append(stem if n == 0 else f"{stem}_{n}")
-    return stems
+    out = []
+    for path, name in found:
+        n = seen.get(name, 0) + 1
+        seen[name] = n
+        out.append((path, name if n == 1 else f"{name}_{n}"))
+    return out
 
 
 def predict(
@@ -64,7 +65,8 @@ def predict(
     net = load_model(resolve_model_dir(model, tracking_uri), resolve_device(device))
     if category is not None and category not in net.categories:
         raise DcadError(f"unknown category '{category}' (the model knows: {', '.join(net.categories)})")
-    files = collect_images(inputs)
+    named = collect_images(inputs)
+    files, names = [f for f, _ in named], [n for _, n in named]
     arrays = [load_image(f) for f in files]  # fail on a bad image before anything is written
     prepare_output_dir(out, overwrite)
     (out / "maps").mkdir()
@@ -76,12 +78,12 @@ def predict(
         for start in range(0, len(files), batch_size):
             chunk = arrays[start : start + batch_size]
             result = predict_arrays(net, chunk, category)
-            for i, (arr, stem) in enumerate(zip(chunk, _unique_stems(files)[start : start + batch_size])):
+            for i, (arr, name) in enumerate(zip(chunk, names[start : start + batch_size])):
                 amap = resize_map(result.anomaly_maps[i], (arr.shape[1], arr.shape[0]))
                 heat = heatmap_rgb(amap, vmin, vmax)
-                Image.fromarray(heat).save(out / "maps" / f"{stem}.png")
-                Image.fromarray(overlay(arr, heat)).save(out / "overlays" / f"{stem}.png")
-                rows.append(_row(files[start + i], result, i, category))
+                Image.fromarray(heat).save(out / "maps" / f"{name}.png")
+                Image.fromarray(overlay(arr, heat)).save(out / "overlays" / f"{name}.png")
+                rows.append(_row(files[start + i], name, result, i, category))
             progress.update(task, completed=min(len(files), start + batch_size))
     _write_csv(out / "predictions.csv", rows)
     n_anom = sum(r["decision"] == "anomalous" for r in rows)
@@ -96,9 +98,11 @@ def _display_range(net) -> tuple[float, float]:
     return (0.0, 2 * t) if np.isfinite(t) and t > 0 else (0.0, 6.0)
 
 
-def _row(path: Path, result, i: int, category: Optional[str]) -> dict:
+def _row(path: Path, name: str, result, i: int, category: Optional[str]) -> dict:
     return {
         "path": str(path),
+        "map": f"maps/{name}.png",
+        "overlay": f"overlays/{name}.png",
         "category": result.categories[i],
         "category_source": "given" if category else "predicted",
         "score": f"{result.scores[i]:.6f}",

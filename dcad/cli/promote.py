@@ -10,16 +10,19 @@ from rich.table import Table
 
 from dcad.cli.console import console, err_console
 from dcad.cli.tracking import TRACKING_URI_OPTION
-from dcad.platform.gate import DEFAULT_GATE_METRICS, DEFAULT_TOLERANCE, GateResult
+from dcad.platform.gate import DEFAULT_FLOOR, DEFAULT_GATE_METRICS, DEFAULT_TOLERANCE, GateResult
 
 
 def promote(
     name: str = typer.Argument(..., help="Registered model name (created on first promotion)."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run whose logged model becomes the candidate."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run whose logged model becomes the candidate: its id, its name "
+                                      "(as the leaderboard shows it) or models:/NAME@ALIAS (the run behind that version)."),
     alias: str = typer.Option("champion", "--alias", help="Alias to move (e.g. champion, challenger)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data (default: the run's recorded dataset)."),
     tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", min=0.0, help="Largest allowed drop per category."),
     gate_metric: list[str] = typer.Option(list(DEFAULT_GATE_METRICS), "--gate-metric", help="Metric(s) the gate compares."),
+    floor: float = typer.Option(DEFAULT_FLOOR, "--floor", min=0.0, max=1.0,
+                                help="Least mean of every gate metric the candidate needs, first holder included (0: none)."),
     force: bool = typer.Option(False, "--force", help="Move the alias even if the gate refuses (recorded)."),
     rollback: bool = typer.Option(False, "--rollback", help="Move the alias back to its previous holder."),
     reevaluate: bool = typer.Option(False, "--reevaluate", help="Evaluate the alias holder again even if its metrics on this data are recorded."),
@@ -48,16 +51,14 @@ def promote(
         raise RegistryError("missing --run RUN_ID (or use --rollback)")
     from dcad.platform.evaluation import uri_evaluator
 
-    request = registry.PromotionRequest(name, run, alias, data, tolerance, tuple(gate_metric), force, not reevaluate)
+    request = registry.PromotionRequest(name, run, alias, data, tolerance, tuple(gate_metric), force, not reevaluate, floor)
     evaluate = uri_evaluator(uri, device, on_start=lambda u: err_console.print(f"[cyan]▸[/] evaluating {u}"))
     with store_errors(f"promotion of run {run} to {name}@{alias} failed", RegistryError):
         result = registry.promote(client, request, evaluate)
     _report(result, json_out)
     if not result.moved:
-        raise GateRefusedError(
-            f"refused: {len(result.gate.regressions)} regression(s) beyond {tolerance:g} against {name}@{alias} "
-            f"(version {result.previous}); version {result.version} is registered without the alias (--force overrides)"
-        )
+        raise GateRefusedError(f"refused: {result.refusal()}; version {result.version} is registered without the alias "
+                               "(--force overrides)")
 
 
 def _report(result, json_out: bool) -> None:
@@ -68,6 +69,7 @@ def _report(result, json_out: bool) -> None:
             "name": result.name, "alias": result.alias, "version": result.version, "previous": result.previous,
             "decision": result.decision, "moved": result.moved, "data": str(result.data), "notes": result.notes,
             "gate": [r.to_dict() for r in result.gate.rows], "regressions": [r.to_dict() for r in result.gate.regressions],
+            "floor": result.gate.floor, "below_floor": result.gate.below_floor,
         }
         console.print_json(json.dumps(payload, allow_nan=True))
         return
@@ -75,12 +77,18 @@ def _report(result, json_out: bool) -> None:
         err_console.print(f"note: {note}")
     if result.gate.has_incumbent:
         console.print(gate_table(result.gate, f"v{result.previous}", f"v{result.version}", only_regressions=not result.moved))
+    mean = ", ".join(f"{k} {v:.3f}" for k, v in result.candidate.get("mean", {}).items() if k in result.gate.metrics)
+    console.print(f"version {result.version} on {result.data.name}: mean {mean}", highlight=False)
     verdict = {
         "first": f"[green]first holder[/]: {result.name}@{result.alias} → version {result.version}",
         "passed": f"[green]gate passed[/]: {result.name}@{result.alias} moved from version {result.previous} to {result.version}",
         "forced": f"[yellow]gate refused, forced[/]: {result.name}@{result.alias} moved from version {result.previous} to {result.version}",
         "refused": f"[red]gate refused[/]: {result.name}@{result.alias} stays on version {result.previous}",
     }[result.decision]
+    if result.decision == "forced" and not result.gate.has_incumbent:
+        verdict = f"[yellow]gate refused, forced[/]: {result.name}@{result.alias} → version {result.version}"
+    if result.decision == "refused" and not result.gate.has_incumbent:
+        verdict = f"[red]gate refused[/]: {result.name}@{result.alias} stays unset"
     console.print(verdict)
 
 

@@ -35,7 +35,8 @@ def sweep(
             console.print(line, highlight=False, markup=False)
         return
     result = run_sweep(spec, resume=resume, address=address, tracking_uri=tracking_uri, storage=storage, log=_say)
-    console.print(trials_table(result))
+    for table in trials_tables(result):
+        console.print(table)
     if result.best_trial is not None:
         b = result.best_trial
         shown = ", ".join(f"{k}={v:.4f}" for k, v in b.objectives.items())
@@ -56,27 +57,34 @@ def _say(message: str) -> None:
     err_console.print(f"[cyan]▸[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def trials_table(result) -> Table:
-    from rich.markup import escape
+def trials_tables(result) -> list[Table]:
+    """The trials (status, objectives, test metrics for the record), then their params: each fits 80 columns."""
+    from dcad.cli.common import compact_table, metric_column, params_table
+    from dcad.cli.leaderboard import metric_header
 
-    objectives = sorted({k for t in result.trials for k in t.objectives})
-    table = Table(title=f"Sweep {result.name}: {len(result.trials)} trial(s) in {result.wall_seconds:.0f} s", title_justify="left")
-    for column in ("trial", "status", "params", *objectives, "test_image_auroc", "test_pixel_auroc"):
-        table.add_column(column, overflow="fold", justify="right" if column in objectives or column.startswith("test_") else "left")
+    objectives = list(dict.fromkeys(k for t in result.trials for k in t.objectives))  # in the spec's order
+    table = compact_table(f"Sweep {result.name}: {len(result.trials)} trial(s) in {result.wall_seconds:.0f} s "
+                          "(★ best, ◆ Pareto front)")
+    table.add_column("trial", no_wrap=True)
+    table.add_column("status")
+    for column in (*objectives, "test_image_auroc", "test_pixel_auroc"):
+        metric_column(table, ("test " if column.startswith("test_") else "") + metric_header(column))
     best = result.best_trial.trial_id if result.best_trial else None
     for t in result.trials:
         mark = " ★" if t.trial_id == best else (" ◆" if t.trial_id in result.pareto else "")
-        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in t.params.items())
         cells = [_fmt(t.objectives.get(k)) for k in objectives]
         cells += [_fmt(t.metrics.get(k)) if t.status == "finished" else "—" for k in ("test_image_auroc", "test_pixel_auroc")]
-        table.add_row(t.trial_id + mark, t.status, escape(params), *cells)
-    return table
+        table.add_row(t.trial_id + mark, t.status, *cells)
+    keys = sorted({k for t in result.trials for k in t.params})
+    rows = [(t.trial_id, {k: _fmt(v) for k, v in t.params.items()}) for t in result.trials]
+    params = params_table("Trial params", rows, keys, label="trial")
+    return [table] + ([params] if params is not None else [])
 
 
 def _fmt(value) -> str:
     if value is None:
         return "—"
-    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else str(value)
+    return f"{value:.3f}" if isinstance(value, float) and 0 < abs(value) < 1 else f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else str(value)
 
 
 def register(app: typer.Typer) -> None:

@@ -86,16 +86,19 @@ def train(
     ray_plan = None  # checked first: a wrong --address/--storage fails before torch is even imported
     if workers:
         ray_plan = train_ray.plan(workers, cpus_per_worker, gpus_per_worker, address, storage, name, max_failures, output, resume)
-    from dcad.cli.common import metrics_table, prepare_output_dir, progress_bar, write_json
+    from dcad.cli.common import check_output_dir, metrics_table, prepare_output_dir, progress_bar, write_json
     from dcad.core.data import build_splits
     from dcad.train.model_output import save_and_evaluate
     from dcad.train.pipeline import resolve_device, train_drdc
 
-    tracking = train_ray.begin_tracking(not no_track, tracking_uri, experiment, run_name, ray_plan)
+    # Every argument is checked before the MLflow run opens: a mistake leaves no empty FAILED run behind.
     cfg = _load_cfg(profile, config, overrides)
     splits = build_splits(data, cfg.data)
-    prepare_output_dir(output, overwrite, keep=resume or (ray_plan is not None and ray_plan.previous is not None))
+    keep = resume or (ray_plan is not None and ray_plan.previous is not None)
+    check_output_dir(output, overwrite, keep)
     dev = resolve_device(device)
+    tracking = train_ray.begin_tracking(not no_track, tracking_uri, experiment, run_name, ray_plan)
+    prepare_output_dir(output, overwrite, keep)
     err_console.print(
         f"dcad train: profile [bold]{cfg.profile}[/], {len(splits.categories)} categories, "
         f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, device {dev}"
@@ -140,8 +143,8 @@ def eval_cmd(
     run_name: Optional[str] = RUN_NAME_OPTION,
 ) -> None:
     """Evaluate a model on a dataset's test split: per-category and mean metrics."""
-    from dcad.cli.common import metrics_table, progress_bar, write_json
-    from dcad.core.data import AnomalyDataset, open_dataset
+    from dcad.cli.common import defect_table, metrics_table, progress_bar, write_json
+    from dcad.core.data import AnomalyDataset, open_for_model
     from dcad.core.inference import evaluate
     from dcad.core.model.drdc import with_inference_overrides
     from dcad.core.model.model_dir import load_model
@@ -150,10 +153,10 @@ def eval_cmd(
     tracking = CommandTracking.begin(log, tracking_uri, experiment, run_name, "eval")
     dev = resolve_device(device)
     net = with_inference_overrides(load_model(resolve_model_dir(model, tracking_uri), dev), overrides)
-    index = open_dataset(data)
-    unknown = sorted(set(index.categories) - set(net.categories))
-    if unknown:
-        raise DcadError(f"{data}: categories {unknown} are not known to the model (it knows {net.categories})")
+    index, skipped = open_for_model(data, net.categories)
+    if skipped:
+        err_console.print(f"note: evaluating the model's {len(index.categories)} categories; {data} also holds "
+                          f"{', '.join(skipped)}, which it was not trained on", highlight=False)
     test = AnomalyDataset(index.test, net.categories, net.image_size)
     if len(test) == 0:
         raise DcadError(f"{data}: the test split is empty")
@@ -173,6 +176,8 @@ def eval_cmd(
     if json_out:
         write_json(json_out, result)
     console.print(metrics_table(result, title=f"Test metrics ({model} on {data})"))
+    if by_defect:
+        console.print(defect_table(result))
     tracking.finish_evaluation(model, data, index, result, net)
 
 

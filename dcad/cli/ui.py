@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,17 +34,45 @@ def ui(
         raise DcadError(f"port {port} on {host} is in use (pass another --port, or --port 0 for any free one)")
     cmd = server_command(uri, str(artifact_root_for(uri) or ""), host, port)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
-    proc = subprocess.Popen(cmd, env=env)
-    typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl+C to stop)")
-    try:
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=20)
-        return
-    if rc != 0:
+    rc = serve_until_stopped(cmd, env, f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl+C to stop)")
+    if rc not in (0, None):
         err_console.print(f"the MLflow UI stopped with exit code {rc}")
         raise typer.Exit(rc)
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT reached `dcad ui`."""
+
+
+def serve_until_stopped(cmd: list[str], env: dict[str, str], banner: str) -> int | None:
+    """Run the server in its own session until it exits (its code) or SIGINT/SIGTERM arrives (None): then it
+    and every process it started (uvicorn workers …) are stopped, so none is left serving the port."""
+    from dcad.platform.stack import procs
+
+    def on_signal(signum, frame) -> None:
+        raise _Stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    proc = record = None
+    try:
+        # Its own session: Ctrl+C reaches only this process, which then stops the server's whole family
+        # (uvicorn then exits quietly instead of printing its CancelledError traceback).
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        record = procs.identify(proc.pid)
+        typer.echo(banner)
+        return proc.wait()
+    except _Stop:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN)
+        if record is not None:
+            procs.stop(record, grace_s=15.0)
+        if proc is not None:
+            proc.wait(timeout=5)
+        err_console.print("MLflow UI stopped")
+        return None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def server_command(uri: str, artifact_root: str, host: str, port: int) -> list[str]:

@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 
 from dcad.cli.console import console
-from dcad.core.model.backbone import list_backbone_weights
 
 app = typer.Typer(help="Backbone weights available offline.", no_args_is_help=True)
 
@@ -21,6 +20,8 @@ def _group() -> None:
 @app.command("list")
 def list_weights(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """Show each known backbone, whether its weights are usable offline right now, and their source."""
+    from dcad.core.model.backbone import list_backbone_weights
+
     rows = list_backbone_weights()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

@@ -1,6 +1,8 @@
 """The promotion gate: a candidate may not regress against the alias holder in any category.
 
-Both models are evaluated on the same data; for every category the incumbent was measured on and
+A candidate must first clear an absolute floor: the mean of every gate metric over its categories is
+at least `floor` (a first holder included; a model no better than chance is never promoted). Both
+models are then evaluated on the same data; for every category the incumbent was measured on and
 every gate metric, the candidate fails when `candidate < incumbent - tolerance`. A category the
 candidate was not measured on is a regression. Undefined values (nan: e.g. a category without
 anomalies) are reported and skipped.
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_GATE_METRICS = ("image_auroc", "pixel_auroc")
 DEFAULT_TOLERANCE = 0.01
+DEFAULT_FLOOR = 0.6
 
 
 @dataclass
@@ -44,6 +47,8 @@ class GateResult:
     tolerance: float
     rows: list[GateRow] = field(default_factory=list)
     has_incumbent: bool = True
+    floor: float = 0.0
+    below_floor: dict[str, float | None] = field(default_factory=dict)  # gate metric -> candidate's mean
 
     @property
     def regressions(self) -> list[GateRow]:
@@ -51,7 +56,11 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        return not self.regressions
+        return not self.regressions and not self.below_floor
+
+    def floor_text(self) -> str:
+        shown = ", ".join(f"{m} {'missing' if v is None else f'{v:.4f}'}" for m, v in self.below_floor.items())
+        return f"mean {shown} below the floor {self.floor:g}"
 
 
 def check_gate(
@@ -59,12 +68,15 @@ def check_gate(
     incumbent: dict | None,
     metrics: tuple[str, ...] = DEFAULT_GATE_METRICS,
     tolerance: float = DEFAULT_TOLERANCE,
+    floor: float = 0.0,
 ) -> GateResult:
-    """Compare two evaluation results (`{"categories": {cat: {metric: v}}}`) per category and metric."""
+    """Check the candidate's means against `floor`, then compare it with the incumbent per category and metric
+    (evaluation results: `{"categories": {cat: {metric: v}}, "mean": {metric: v}}`)."""
     if tolerance < 0:
         raise ValueError("tolerance must be >= 0")
+    below = below_floor(candidate, metrics, floor)
     if incumbent is None:
-        return GateResult(tuple(metrics), tolerance, has_incumbent=False)
+        return GateResult(tuple(metrics), tolerance, has_incumbent=False, floor=floor, below_floor=below)
     rows = []
     cand_cats = candidate.get("categories", {})
     for cat, values in sorted(incumbent.get("categories", {}).items()):
@@ -74,7 +86,20 @@ def check_gate(
                 continue
             ours = cand_cats.get(cat, {}).get(metric) if cat in cand_cats else None
             rows.append(GateRow(cat, metric, float(theirs), None if ours is None else float(ours)))
-    return GateResult(tuple(metrics), tolerance, rows)
+    return GateResult(tuple(metrics), tolerance, rows, floor=floor, below_floor=below)
+
+
+def below_floor(result: dict, metrics: tuple[str, ...], floor: float) -> dict[str, float | None]:
+    """The gate metrics whose mean is under `floor` (None: not measured), with the mean."""
+    if floor <= 0:
+        return {}
+    means = result.get("mean", {})
+    low = {}
+    for metric in metrics:
+        value = means.get(metric)
+        if value is None or _nan(float(value)) or float(value) < floor:
+            low[metric] = None if value is None or _nan(float(value)) else float(value)
+    return low
 
 
 def _nan(value: float) -> bool:

@@ -38,6 +38,7 @@ class Leaderboard:
     param_keys: list[str] = field(default_factory=list)
     metric_keys: list[str] = field(default_factory=list)
     pareto: bool = False  # rows are the Pareto front of a sweep's objectives (`metric` is the first)
+    source: str = ""  # what the rows come from when narrower than the experiment (e.g. "sweep quickstart-2")
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +46,7 @@ class Leaderboard:
             "metric": self.metric,
             "order": "ascending" if self.ascending else "descending",
             "experiment": self.experiment,
+            "source": self.source,
             "runs": [r.to_dict() for r in self.rows],
         }
 
@@ -77,7 +79,7 @@ def build_leaderboard(
         order_by=[f"metrics.`{metric}` {'ASC' if ascending else 'DESC'}", "attributes.start_time DESC"],
         max_results=top,
     )
-    board = Leaderboard(metric, ascending, name)
+    board = Leaderboard(metric, ascending, name, source=parent_label(client, parent) if parent else "")
     board.metric_keys = [metric, *[m for m in SHOWN_METRICS if m != metric]]
     board.param_keys = varying_params([r.data.params for r in runs])
     for i, run in enumerate(runs, start=1):
@@ -130,7 +132,8 @@ def _row(rank: int, run, board: Leaderboard, uri: str) -> LeaderboardRow:
 
 # ---- sweeps: parent by name, Pareto front ------------------------------------------------------------
 def resolve_parent(client, value: str) -> str:
-    """`value` as a run id if such a run exists, else the latest parent run of the sweep named `value`."""
+    """`value` as a run id if such a run exists, else the latest parent run of the sweep named `value`
+    (a spec run again is the series NAME, NAME-2 …: its latest run)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -139,13 +142,24 @@ def resolve_parent(client, value: str) -> str:
         pass
     ids = [e.experiment_id for e in client.search_experiments()]
     safe = value.replace("'", "")
-    runs = client.search_runs(
-        ids, filter_string=f"tags.`dcad.sweep` = '{safe}' and tags.`dcad.kind` = 'sweep'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    ) if ids else []
+    runs = [
+        run
+        for tag in ("dcad.sweep", "dcad.sweep_series")
+        for run in (client.search_runs(
+            ids, filter_string=f"tags.`{tag}` = '{safe}' and tags.`dcad.kind` = 'sweep'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        ) if ids else [])
+    ]
     if not runs:
         raise TrackingError(f"--parent {value}: no run with this id and no sweep with this name")
-    return runs[0].info.run_id
+    return max(runs, key=lambda r: r.info.start_time).info.run_id
+
+
+def parent_label(client, parent: str) -> str:
+    """`sweep NAME` for a sweep's parent run, else `children of RUN_NAME`."""
+    run = client.get_run(parent)
+    sweep = run.data.tags.get("dcad.sweep")
+    return f"sweep {sweep}" if sweep and run.data.tags.get("dcad.kind") == "sweep" else f"children of {run.info.run_name or parent}"
 
 
 def sweep_objectives(client, parent: str) -> list[tuple[str, str]]:
@@ -184,7 +198,7 @@ def build_pareto(client, uri: str, parent: str, objectives: list[tuple[str, str]
     front = [r for r, v in zip(runs, values) if not any(dominated(v, w, objectives) for w in values if w is not v)]
     first, mode = objectives[0]
     front.sort(key=lambda r: r.data.metrics[first], reverse=mode == "max")
-    board = Leaderboard(first, mode == "min", name, pareto=True)
+    board = Leaderboard(first, mode == "min", name, pareto=True, source=parent_label(client, parent))
     board.metric_keys = [*metrics, *[m for m in SHOWN_METRICS if m not in metrics]]
     board.param_keys = varying_params([r.data.params for r in runs])
     board.rows = [_row(i, run, board, uri) for i, run in enumerate(front, start=1)]

@@ -153,6 +153,7 @@ def train_on_ray(
     mlflow_run_id: str | None = None,
     log: Log = print,
     callbacks: list | None = None,
+    worker_phases: bool = True,
 ) -> RayTrainOutcome:
     """Run (or continue) the training described by `plan`; returns the trained, calibrated model.
 
@@ -169,7 +170,8 @@ def train_on_ray(
     log(f"Ray Train run '{plan.name}': {opts.workers} worker(s) on {where}, checkpoints in {plan.where}")
     if plan.previous is not None:
         log(f"resuming run '{plan.name}' from its checkpoint of {describe_checkpoint(plan.previous)}")
-    spec = WorkerSpec(cfg.model_dump(mode="json"), str(Path(data_root).resolve()), _absolute(tracking_uri), mlflow_run_id)
+    spec = WorkerSpec(cfg.model_dump(mode="json"), str(Path(data_root).resolve()), _absolute(tracking_uri), mlflow_run_id,
+                      phases=worker_phases)
     started = time.perf_counter()
     result = _fit(_trainer(spec, plan, callbacks), plan)
     outcome = _outcome_from_checkpoint(result.checkpoint, plan)
@@ -207,6 +209,9 @@ def _trainer(spec: WorkerSpec, plan: RayRunPlan, callbacks: list | None = None):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=opts.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
             callbacks=callbacks or None,
+            # Ray Train's own INFO lines (every report's repr, "Checkpoint successfully created" …) would drown
+            # dcad's progress; warnings and errors still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 

@@ -12,6 +12,7 @@ resumes from its epoch.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class WorkerSpec:
     data_root: str
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    phases: bool = True  # print each training phase (a sweep reports progress itself)
 
     def to_config(self) -> dict[str, Any]:
         return {"spec": self.__dict__.copy()}
@@ -197,6 +199,9 @@ def train_worker(config: dict[str, Any]) -> None:
     from dcad.core.data import build_splits
     from dcad.train.pipeline import TrainHooks, TrainRole, train_drdc
 
+    # Ray Train logs every report's full repr at INFO through a logger named after its source file (outside
+    # `ray.train`, so RunConfig's LoggingConfig does not reach it): the worker's root level keeps it quiet.
+    logging.getLogger().setLevel(logging.WARNING)
     spec = WorkerSpec.from_config(config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -215,7 +220,7 @@ def train_worker(config: dict[str, Any]) -> None:
         reporter = _Reporter(rank, cfg, local_dir, run_id, history=list((meta or {}).get("history", [])))
         if rank == 0:
             reporter.tracker = _open_tracker(spec)
-        hooks = TrainHooks(on_epoch=reporter.on_epoch, on_phase=(lambda name: log(name)) if rank == 0 else None)
+        hooks = TrainHooks(on_epoch=reporter.on_epoch, on_phase=(lambda name: log(name)) if rank == 0 and spec.phases else None)
         role = TrainRole(chief=rank == 0, wrap_module=_wrap_ddp if world > 1 else None)
         splits = build_splits(Path(spec.data_root), cfg.data)
         model, val_metrics = train_drdc(

@@ -20,7 +20,7 @@ from typing import Callable
 
 from dcad.core.metrics import METRIC_KEYS
 from dcad.platform.errors import RegistryError
-from dcad.platform.gate import DEFAULT_GATE_METRICS, DEFAULT_TOLERANCE, GateResult, check_gate
+from dcad.platform.gate import DEFAULT_FLOOR, DEFAULT_GATE_METRICS, DEFAULT_TOLERANCE, GateResult, check_gate
 from dcad.platform.store import use_store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
@@ -41,6 +41,7 @@ class PromotionRequest:
     gate_metrics: tuple[str, ...] = DEFAULT_GATE_METRICS
     force: bool = False
     reuse_recorded: bool = True  # take the holder's metrics from its tags when measured on the same data
+    floor: float = DEFAULT_FLOOR  # least mean of every gate metric the candidate needs (0: none)
 
 
 @dataclass
@@ -58,11 +59,17 @@ class PromotionResult:
 
     @property
     def decision(self) -> str:
-        if not self.gate.has_incumbent:
-            return "first"
         if self.gate.passed:
-            return "passed"
+            return "passed" if self.gate.has_incumbent else "first"
         return "forced" if self.forced else "refused"
+
+    def refusal(self) -> str:
+        """Why the gate refused: the floor, the regressions against the holder, or both."""
+        reasons = [self.gate.floor_text()] if self.gate.below_floor else []
+        if self.gate.regressions:
+            reasons.append(f"{len(self.gate.regressions)} regression(s) beyond {self.gate.tolerance:g} against "
+                           f"{self.name}@{self.alias} version {self.previous}")
+        return "; ".join(reasons)
 
 
 def now_utc() -> str:
@@ -118,14 +125,43 @@ def alias_holder(client, name: str, alias: str):
 
 
 def source_run(client, run_id: str):
+    """The run with this id, else the one run with this name (what `dcad leaderboard` shows), or the run
+    behind a registered version given as `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
     from mlflow.exceptions import MlflowException
 
-    if not run_id or not re.fullmatch(r"[0-9a-zA-Z-]{1,64}", run_id):
+    if run_id.startswith("models:/"):
+        return client.get_run(_version_run_id(client, run_id))
+    if not run_id or not re.fullmatch(r"[0-9a-zA-Z_.-]{1,64}", run_id):
         raise RegistryError(f"invalid run id '{run_id}'")
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise RegistryError(f"run '{run_id}' not found in the tracking store") from None
+        pass
+    ids = [e.experiment_id for e in client.search_experiments()]
+    named = client.search_runs(ids, filter_string=f"attributes.run_name = '{run_id}'", max_results=3) if ids else []
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise RegistryError(f"run name '{run_id}' is ambiguous ({len(named)}+ runs); pass the run id")
+    raise RegistryError(f"run '{run_id}' not found in the tracking store (neither a run id nor a run name)")
+
+
+def _version_run_id(client, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    ref = uri[len("models:/"):]
+    name, sep, alias = ref.partition("@")
+    try:
+        if sep:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = ref.rpartition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException:
+        raise RegistryError(f"--run {uri}: no such registered model version") from None
+    if not version.run_id:
+        raise RegistryError(f"--run {uri}: the version records no source run")
+    return version.run_id
 
 
 def run_model_id(run) -> str:
@@ -175,7 +211,7 @@ def promote(client, request: PromotionRequest, evaluate: Evaluate) -> PromotionR
     if holder is not None:
         incumbent = recorded_metrics(holder, digest) if request.reuse_recorded else None
         incumbent = incumbent or evaluate(f"models:/{request.name}/{holder.version}", data)
-    gate = check_gate(candidate, incumbent, tuple(request.gate_metrics), request.tolerance)
+    gate = check_gate(candidate, incumbent, tuple(request.gate_metrics), request.tolerance, request.floor)
 
     if not exists:
         client.create_registered_model(request.name, tags={"dcad.created_by": who()})
@@ -262,6 +298,8 @@ def _gate_tags(request: PromotionRequest, result: PromotionResult) -> dict[str, 
         f"{prefix}.against": result.previous or "",
         f"{prefix}.metrics": ",".join(result.gate.metrics),
         f"{prefix}.tolerance": f"{result.gate.tolerance:g}",
+        f"{prefix}.floor": f"{result.gate.floor:g}",
+        f"{prefix}.below_floor": json.dumps(result.gate.below_floor, allow_nan=True),
         f"{prefix}.regressions": json.dumps(regressions, allow_nan=True),
         f"{prefix}.forced": "true" if result.forced else "false",
         f"{prefix}.by": who(),

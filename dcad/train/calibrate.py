@@ -95,9 +95,16 @@ def fit_thresholds(model: DRDC, dataset: Dataset, batch_size: int, device, seed:
     return {"val_image_f1": float(image_f1), "val_pixel_f1": float(pixel_f1)}
 
 
-def calibrate(model: DRDC, dataset: Dataset, batch_size: int, device) -> dict[str, float]:
-    """All statistics in dependency order: base → refinement (guided by the base) → thresholds."""
+def calibrate(model: DRDC, dataset: Dataset, batch_size: int, device, on_pass=None) -> dict[str, float]:
+    """All statistics in dependency order: base → refinement (guided by the base) → thresholds.
+
+    `on_pass(name)` is told before each pass over the validation images (each can take minutes on a CPU)."""
+    say = on_pass or (lambda name: None)
     model.eval()
+    say(f"base-map statistics (pass 1/3 over {len(dataset)} validation images)")
     fit_base_statistics(model, dataset, batch_size, device)
+    if model.uses_refiner:
+        say("refinement-map statistics (pass 2/3)")
     fit_refinement_statistics(model, dataset, batch_size, device)
+    say("image and pixel thresholds (pass 3/3)")
     return fit_thresholds(model, dataset, batch_size, device)

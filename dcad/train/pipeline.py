@@ -63,9 +63,18 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` (a GPU when there is one), or a torch device string; DcadError for one this machine lacks."""
+    from dcad.core.errors import DcadError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DcadError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1 …)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DcadError(f"--device {name}: no CUDA GPU on this machine (use --device cpu or auto)")
+    return device
 
 
 @torch.no_grad()
@@ -214,9 +223,9 @@ def train_drdc(
 
     if not role.chief:
         return model, {}
-    hooks.phase("calibration on the validation split")
     model.eval()
-    val_metrics = calibrate(model, splits.val, bs, device)
+    val_metrics = calibrate(model, splits.val, bs, device, on_pass=lambda name: hooks.phase(f"calibration: {name}"))
+    hooks.phase("validation metrics of the calibrated model")
     val_metrics.update(val.full_metrics(splits.val, bs, recalibrate=False))
     return model, val_metrics
 

@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_image": "images",
     "load_mask": "images",
     "open_dataset": "records",
+    "open_for_model": "records",
     "split_validation": "validation",
     "synthesize": "synth",
 }
@@ -49,6 +50,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from dcad.core.data.dataset import AnomalyDataset  # noqa: F401
     from dcad.core.data.defects import DEFECTS, SUBTLE  # noqa: F401
     from dcad.core.data.images import load_image, load_mask  # noqa: F401
-    from dcad.core.data.records import IMAGE_EXTENSIONS, LAYOUTS, DatasetIndex, Record, open_dataset  # noqa: F401
+    from dcad.core.data.records import IMAGE_EXTENSIONS, LAYOUTS, DatasetIndex, Record, open_dataset, open_for_model  # noqa: F401
     from dcad.core.data.synth import CATEGORIES, synthesize  # noqa: F401
     from dcad.core.data.validation import Splits, ValidationDataset, build_splits, split_validation  # noqa: F401

@@ -42,6 +42,12 @@ class DatasetIndex:
     def records(self) -> list[Record]:
         return [*self.train, *self.test]
 
+    def only(self, categories: list[str]) -> "DatasetIndex":
+        """The records of `categories` (those this index has), in this index's order."""
+        keep = set(categories)
+        return DatasetIndex(self.root, self.layout, [c for c in self.categories if c in keep],
+                            [r for r in self.train if r.category in keep], [r for r in self.test if r.category in keep])
+
     def files(self) -> list[Path]:
         """Every image and mask file of the index, sorted and without duplicates."""
         paths = {r.image_path for r in self.records}
@@ -72,3 +78,19 @@ def open_dataset(root: str | Path, layout: str = "auto", categories: list[str] |
     from dcad.core.data.layouts import read_dataset
 
     return read_dataset(Path(root), layout, categories)
+
+
+def open_for_model(root: str | Path, model_categories: list[str]) -> tuple[DatasetIndex, list[str]]:
+    """The dataset at `root` restricted to the categories a model was trained on, and the ones left out.
+
+    A model trained on some categories of a dataset is evaluated on those; DatasetError when the
+    dataset holds none of them."""
+    from dcad.core.errors import DatasetError
+
+    index = open_dataset(root)
+    shared = [c for c in index.categories if c in set(model_categories)]
+    if not shared:
+        raise DatasetError(f"{root}: none of its categories ({', '.join(index.categories)}) is known to the model "
+                           f"(it was trained on {', '.join(model_categories)})")
+    skipped = [c for c in index.categories if c not in set(model_categories)]
+    return (index.only(shared) if skipped else index), skipped

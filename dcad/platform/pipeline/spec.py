@@ -24,7 +24,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from dcad.core.metrics import METRIC_KEYS
-from dcad.platform.gate import DEFAULT_GATE_METRICS, DEFAULT_TOLERANCE
+from dcad.platform.gate import DEFAULT_FLOOR, DEFAULT_GATE_METRICS, DEFAULT_TOLERANCE
 from dcad.platform.store import DEFAULT_EXPERIMENT
 
 STEP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -129,6 +129,7 @@ class PromoteStep(StepSpec):
     data: Optional[str] = None
     tolerance: float = Field(DEFAULT_TOLERANCE, ge=0.0)
     gate_metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_GATE_METRICS))
+    floor: float = Field(DEFAULT_FLOOR, ge=0.0, le=1.0)
     force: bool = False
     on_refusal: Literal["fail", "continue"] = "fail"
     OUTPUTS: ClassVar[tuple[str, ...]] = ("model_name", "version", "decision", "moved")

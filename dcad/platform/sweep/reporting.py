@@ -130,7 +130,7 @@ def open_parent(spec: SweepSpec, tracking_uri: str | None, run_id: str | None, l
     """Create the sweep's parent run (or reopen it on resume); logs the spec and the sweep settings."""
     from dcad.platform.tracking import TrackingOptions, start_run
 
-    tags = {"dcad.sweep": spec.name, "dcad.objectives": json.dumps([o.model_dump() for o in spec.objective])}
+    tags = {"dcad.sweep": spec.name, "dcad.sweep_series": spec.series or spec.name, "dcad.objectives": json.dumps([o.model_dump() for o in spec.objective])}
     tracker = start_run(TrackingOptions(tracking_uri, spec.experiment, spec.name, tags=tags), "sweep", run_id=run_id)
     if run_id is None:
         tracker.log_params(sweep_params(spec))
@@ -224,6 +224,17 @@ def log_study_plots(tracker, study, spec: SweepSpec, log: Log) -> list[str]:
 
 
 # ---- registry ----------------------------------------------------------------------------------------
+FLOOR_METRICS = ("val_image_auroc", "val_pixel_auroc")
+
+
+def below_register_floor(records: list[TrialRecord], best: BestTrial, spec: SweepSpec) -> str:
+    """What keeps the best trial under `spec.register_floor` (validation metrics only), or ''."""
+    metrics = next((r.metrics for r in records if r.trial_id == best.trial_id), {})
+    low = [f"{m} {'missing' if metrics.get(m) is None else f'{metrics[m]:.3f}'}" for m in FLOOR_METRICS
+           if spec.register_floor > 0 and (metrics.get(m) is None or metrics[m] < spec.register_floor)]
+    return " and ".join(low) + (" below the floor" if low else "")
+
+
 def register_best(client, spec: SweepSpec, best: BestTrial, data: Path, tracking_uri: str) -> str:
     """Register the best trial's model under `spec.register_best` with the `challenger` alias; its version.
 
@@ -240,7 +251,7 @@ def register_best(client, spec: SweepSpec, best: BestTrial, data: Path, tracking
     def evaluate(uri: str, root: Path) -> dict:
         return recorded if uri.startswith("models:/m-") and recorded else real(uri, root)
 
-    request = PromotionRequest(spec.register_best, best.run_id, alias="challenger", data=data, force=True)
+    request = PromotionRequest(spec.register_best, best.run_id, alias="challenger", data=data, force=True, floor=0.0)
     return promote(client, request, evaluate).version
 
 

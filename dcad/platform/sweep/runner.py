@@ -12,6 +12,7 @@ restart with the same trial id and their Ray Train run continues from its checkp
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,6 +38,7 @@ class SweepPlan:
     address: str | None
     study_storage: str
     total_epochs: int
+    note: str | None = None  # why the sweep runs under another name than the spec's
 
     def lines(self) -> list[str]:
         s, r = self.spec, self.spec.resources
@@ -45,7 +47,8 @@ class SweepPlan:
         es = s.early_stopping
         stopping = (f"ASHA on {s.asha_metric[0]} ({s.asha_metric[1]}), grace {es.grace_period}, max_t {es.max_t} epochs, "
                     f"reduction {es.reduction_factor:g}") if es else "none"
-        lines = [
+        lines = [self.note] if self.note else []
+        lines += [
             f"sweep '{s.name}' ({'resume' if self.resume else 'new'}): {s.num_trials} trials, at most {s.max_concurrent} at a time",
             f"base: {s.base.profile or s.base.config} with {len(s.base.overrides)} override(s); {self.total_epochs} epochs per trial",
             f"dataset: {s.dataset_path()}",
@@ -55,7 +58,9 @@ class SweepPlan:
             f"time budget: {f'{s.time_budget_s:g} s' if s.time_budget_s else 'none'}",
             f"storage: {self.where.describe()}; Optuna study '{s.name}' in {self.study_storage}",
             f"tracking: {self.tracking_uri or 'default store'}, experiment '{s.experiment}'"
-            + (f"; best model registered as '{s.register_best}' @challenger" if s.register_best else ""),
+            + (f"; best model registered as '{s.register_best}' @challenger"
+               + (f" if its val image and pixel AUROC reach {s.register_floor:g}" if s.register_floor else "")
+               if s.register_best else ""),
             "search space:",
         ]
         for key, p in s.search_space.items():
@@ -78,19 +83,46 @@ def plan_sweep(
 
     if not spec.dataset_path().is_dir():
         raise SweepError(f"dataset {spec.dataset_path()}: no such directory (create it with: dcad data synth {spec.dataset})")
-    where = sweep_dir(spec, storage)
-    state = where.read_state()
-    if state is not None and not resume:
-        raise SweepError(f"sweep '{spec.name}' already exists in {where.describe()}: add --resume to continue it, "
-                         "or change the sweep name or --storage")
-    if resume and state is None:
-        raise SweepError(f"nothing to resume: no sweep '{spec.name}' in {where.describe()} (run it without --resume)")
+    runs = series_runs(spec, storage)
+    note = None
+    if resume:
+        if not runs:
+            where = sweep_dir(spec, storage)
+            raise SweepError(f"nothing to resume: no sweep '{spec.name}' in {where.describe()} (run it without --resume)")
+        spec, where, state = runs[-1]
+    elif runs:
+        latest = runs[-1][0].name
+        spec = numbered(spec, len(runs) + 1)
+        where, state = sweep_dir(spec, storage), None
+        note = (f"sweep '{latest}' has run before: this is a new sweep '{spec.name}' "
+                f"(dcad sweep SPEC --resume continues '{latest}' instead)")
+    else:
+        where, state = sweep_dir(spec, storage), None
     if state is not None and state.spec_digest != spec_digest(spec):
         raise SweepError(f"sweep '{spec.name}' in {where.describe()} was started from a different spec "
                          "(search space, objectives, base or trial count changed); use a new name")
     uri = choose_tracking_uri(spec, state, tracking_uri)
     study = state.study_storage if state else study_url(spec, where.local_dir)
-    return SweepPlan(spec, where, state, resume, uri, address, study, total_epochs(spec.base_config()))
+    return SweepPlan(spec, where, state, resume, uri, address, study, total_epochs(spec.base_config()), note)
+
+
+def numbered(spec: SweepSpec, n: int) -> SweepSpec:
+    """Run `n` of a spec: its own name for the first, NAME-n after that."""
+    series = spec.series or spec.name
+    return spec if n == 1 else spec.model_copy(update={"name": f"{series}-{n}", "series": series})
+
+
+def series_runs(spec: SweepSpec, storage: str | None) -> list[tuple[SweepSpec, SweepDir, SweepState]]:
+    """The earlier runs of this spec under its storage (NAME, NAME-2, NAME-3 …), oldest first."""
+    runs = []
+    for n in range(1, 10_000):
+        run = numbered(spec, n)
+        where = sweep_dir(run, storage)
+        state = where.read_state()
+        if state is None:
+            return runs
+        runs.append((run, where, state))
+    raise SweepError(f"sweep '{spec.name}': too many earlier runs in {sweep_dir(spec, storage).describe()}")
 
 
 def choose_tracking_uri(spec: SweepSpec, state: SweepState | None, explicit: str | None) -> str | None:
@@ -239,6 +271,9 @@ def _fit(plan: SweepPlan, state: SweepState, parent_run_id: str, uri: str, diges
         if plan.resume:
             log(f"no Tune experiment in {where.describe()}/{TUNE_DIR} yet: starting the trials afresh")
         tuner = _new_tuner(plan, trainable, state, concurrency)
+    # Tune's newer console output prints its own experiment box and paths whatever `verbose` says; with the
+    # classic reporter `verbose=0` is silent, and the sweep's progress lines are the report.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     watch = InterruptWatch.attach()
     try:
         results = tuner.fit()
@@ -319,7 +354,13 @@ def _record(plan: SweepPlan, state: SweepState, parent, trials: list, interrupte
         parent.finish("KILLED")
         return result
     if spec.register_best and result.best_trial is not None and result.best_trial.run_id:
-        result.registered_version = reporting.register_best(parent.client, spec, result.best_trial, spec.dataset_path(), uri)
-        log(f"registered the best trial's model as {spec.register_best} version {result.registered_version} @challenger")
+        low = reporting.below_register_floor(records, result.best_trial, spec)
+        if low:
+            log(f"not registered as {spec.register_best}: the best trial's {low} (register_floor "
+                f"{spec.register_floor:g}); train longer or widen the search")
+            parent.set_tags({"dcad.registration": f"refused: {low}"})
+        else:
+            result.registered_version = reporting.register_best(parent.client, spec, result.best_trial, spec.dataset_path(), uri)
+            log(f"registered the best trial's model as {spec.register_best} version {result.registered_version} @challenger")
     parent.finish("FINISHED")
     return result

@@ -92,6 +92,7 @@ def build_searcher(spec: SweepSpec, storage_url: str):
     """OptunaSearch over the define-by-run space, on the persistent study `spec.name`."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep reports each trial itself
     if storage_url.startswith("sqlite:///"):
         Path(storage_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:

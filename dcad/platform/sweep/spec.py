@@ -171,7 +171,11 @@ class SweepSpec(_Strict):
     tracking_uri: str | None = None
     experiment: str = "dcad"
     register_best: str | None = None
+    register_floor: float = Field(0.6, ge=0.0, le=1.0, description=(
+        "The best trial is registered only if its validation image and pixel AUROC are at least this (0: always)."))
     source: str | None = Field(None, exclude=True, description="The spec file (set by the loader).")
+    series: str | None = Field(None, exclude=True, description=(
+        "The spec's own name when this run of it got a numbered one (NAME-2, NAME-3 …; set by the planner)."))
 
     # ---- derived -------------------------------------------------------------------------------------
     @property

@@ -109,7 +109,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     trial_id = tune_context.get_trial_id()
     params = decode_params(config)
     cfg = trial_config(context.base_cfg, params)
-    tracker = open_trial_run(context, trial_id, tune_context.get_trial_name(), cfg, params)
+    tracker = open_trial_run(context, trial_id, train_run_name(trial_id), cfg, params)
     options = RayTrainOptions(context.workers, context.cpus_per_worker, context.gpus_per_worker, context.address)
     storage = resolve_storage(f"{context.storage.rstrip('/')}/{TRIALS_DIR}", Path(context.storage) / TRIALS_DIR)
     name = train_run_name(trial_id)
@@ -123,6 +123,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
             tracking_uri=tracker.uri if tracker else None, mlflow_run_id=run_id,
             log=lambda m: print(f"dcad: trial {trial_id}: {m}", flush=True),
             callbacks=[SweepReportCallback(context.carried, run_id)],
+            worker_phases=False,  # the driver prints each trial's epochs and outcome
         )
         trained = time.time()
         final = finish_trial(cfg, context, outcome, tracker)

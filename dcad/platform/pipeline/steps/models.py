@@ -77,7 +77,7 @@ def run_promote(step: PromoteStep, ctx: StepContext) -> dict:
 
     uri, client = open_store(ctx.tracking_uri)
     request = registry.PromotionRequest(step.model_name, step.run_id or "", step.alias, Path(step.data) if step.data else None,
-                                        step.tolerance, tuple(step.gate_metrics), step.force)
+                                        step.tolerance, tuple(step.gate_metrics), step.force, floor=step.floor)
     evaluate = uri_evaluator(uri, ctx.device, on_start=lambda model: ctx.log(f"gate: evaluating {model}"))
     with store_errors(f"promotion of run {step.run_id} to {step.model_name}@{step.alias} failed", RegistryError):
         result = registry.promote(client, request, evaluate)
@@ -86,8 +86,5 @@ def run_promote(step: PromoteStep, ctx: StepContext) -> dict:
         ctx.log(f"note: {note}")
     ctx.log(f"gate {result.decision}: {result.name}@{result.alias} → version {result.version if result.moved else result.previous}")
     if not result.moved and step.on_refusal == "fail":
-        raise StopPipeline(
-            f"step {step.name}: the gate refused version {result.version} ({len(result.gate.regressions)} regression(s) beyond "
-            f"{step.tolerance:g} against {result.name}@{result.alias} version {result.previous})", outputs,
-        )
+        raise StopPipeline(f"step {step.name}: the gate refused version {result.version} ({result.refusal()})", outputs)
     return outputs
