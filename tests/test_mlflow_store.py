@@ -144,7 +144,7 @@ def test_leaderboard_ranks_runs_with_the_metric(board_store, capsys):
     by_loss = json.loads(run_dcad(capsys, "leaderboard", "-e", "lb", "-m", "base_train_loss", "--json", "--tracking-uri", uri).out)
     assert [r["run_name"] for r in by_loss["runs"]][:2] == ["d", "b"] and by_loss["order"] == "ascending"
     table = run_dcad(capsys, "leaderboard", "--experiment", "lb", "--tracking-uri", uri)
-    assert table.code == 0 and table.out.index("0.9900") < table.out.index("0.7100")
+    assert table.code == 0 and table.out.index("0.990") < table.out.index("0.710")
     missing = run_dcad(capsys, "leaderboard", "--experiment", "nope", "--tracking-uri", uri)
     assert missing.code == 2 and "experiment 'nope' not found" in missing.err
 

@@ -30,7 +30,7 @@ steps:
       train.base.iters_per_epoch: 4
   - {{name: evaluate, kind: evaluate, model: "${{steps.train.model_uri}}", require: {{image_auroc: 0.0}}}}
   - {{name: register, kind: register, model_name: local-model}}
-  - {{name: promote, kind: promote, model_name: local-model, alias: champion}}
+  - {{name: promote, kind: promote, model_name: local-model, alias: champion, floor: 0.0}}  # a 1-epoch smoke model: the floor has its own tests
 """
 
 

@@ -144,7 +144,7 @@ def test_two_workers_match_one_worker_with_checkpoints_on_s3(cluster, ray_datase
     assert "ray-eq/eq-two/final/model/model.safetensors" in keys
     kept = {k.split("/")[2] for k in keys if re.match(r"ray-eq/eq-two/(epoch_\d{4}|final)/dcad_checkpoint.json", k)}
     assert kept == {f"epoch_{total:04d}", "final"}
-    assert "Wrapping provided model in DistributedDataParallel" in log_two
+    assert "wrapped in DistributedDataParallel across 2 workers" in log_two
     assert f"checkpoints in s3://{BUCKET}/ray-eq/eq-two at {moto_endpoint}" in log_two
 
     # one MLflow run, metrics from rank 0 only (one value per epoch), no credentials anywhere

@@ -40,7 +40,7 @@ SWEEP = """
 """
 TAIL = """
   - {{name: register, kind: register, model_name: {model}}}
-  - {{name: promote, kind: promote, model_name: {model}, alias: champion}}
+  - {{name: promote, kind: promote, model_name: {model}, alias: champion, floor: 0.0}}  # a smoke model: the floor has its own tests
 """
 
 

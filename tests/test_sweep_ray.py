@@ -43,7 +43,8 @@ def sweep_data(tmp_path_factory) -> Path:
     from dcad.core.data import synthesize
 
     root = tmp_path_factory.mktemp("sweep-data") / "data"
-    synthesize(root, seed=0, size=64, categories=["brick", "hex_nut"], n_train=12, n_test=8)
+    # 30 normal images a category: the validation split (20 %) gets 3 good and 3 defective ones, enough for an AUROC
+    synthesize(root, seed=0, size=64, categories=["brick", "hex_nut"], n_train=30, n_test=8)
     return root
 
 
@@ -92,7 +93,9 @@ def test_sweep_end_to_end(cluster, sweep_data, tmp_path, capsys):
     from dcad.platform.store import mlflow_client
 
     uri = sqlite_uri(tmp_path / "store")
-    base = {"profile": "tiny", "overrides": {**OVERRIDES, "train.base.epochs": 2, "train.validate_refiner": True}}
+    # trained enough (2 × 100 base iterations) for its best model to clear the registration and promotion floors
+    base = {"profile": "tiny", "overrides": {**OVERRIDES, "train.base.epochs": 2, "train.base.iters_per_epoch": 100,
+                                             "train.validate_refiner": True}}
     spec = write_spec(tmp_path / "e2e.yaml", sweep_data, tmp_path / "sweeps", uri, register_best="sweep-e2e", base=base,
                       early_stopping={"grace_period": 3, "max_t": 3, "reduction_factor": 2})  # after the refiner's epoch
     out = tmp_path / "result.json"

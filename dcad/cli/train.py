@@ -92,6 +92,10 @@ def train(
     from dcad.train.pipeline import resolve_device, train_drdc
 
     # Every argument is checked before the MLflow run opens: a mistake leaves no empty FAILED run behind.
+    if not no_track:
+        from dcad.platform.store import open_store
+
+        open_store(tracking_uri)  # an unreachable server fails first, before anything is read or written
     cfg = _load_cfg(profile, config, overrides)
     splits = build_splits(data, cfg.data)
     keep = resume or (ray_plan is not None and ray_plan.previous is not None)

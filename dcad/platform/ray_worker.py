@@ -185,9 +185,15 @@ def _open_tracker(spec: WorkerSpec):
 
 
 def _wrap_ddp(module):
+    import ray.train
     import ray.train.torch
+    import torch
 
-    return ray.train.torch.prepare_model(module, move_to_device=False)
+    wrapped = ray.train.torch.prepare_model(module, move_to_device=False)
+    context = ray.train.get_context()
+    if context.get_world_rank() == 0 and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        log(f"{type(module).__name__} wrapped in DistributedDataParallel across {context.get_world_size()} workers")
+    return wrapped
 
 
 def train_worker(config: dict[str, Any]) -> None:
