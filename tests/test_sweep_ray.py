@@ -38,14 +38,25 @@ def cluster():
     cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def sweep_data(tmp_path_factory) -> Path:
+def _synth(tmp_path_factory, n_train: int) -> Path:
     from dcad.core.data import synthesize
 
     root = tmp_path_factory.mktemp("sweep-data") / "data"
-    # 30 normal images a category: the validation split (20 %) gets 3 good and 3 defective ones, enough for an AUROC
-    synthesize(root, seed=0, size=64, categories=["brick", "hex_nut"], n_train=30, n_test=8)
+    synthesize(root, seed=0, size=64, categories=["brick", "hex_nut"], n_train=n_train, n_test=8)
     return root
+
+
+@pytest.fixture(scope="module")
+def sweep_data(tmp_path_factory) -> Path:
+    """Small: for the mechanics (resume, capacity)."""
+    return _synth(tmp_path_factory, 12)
+
+
+@pytest.fixture(scope="module")
+def main_job_data(tmp_path_factory) -> Path:
+    """30 normal images a category: the validation split (20 %) gets 3 good and 3 defective ones, enough for the
+    registration floor's AUROC to mean something."""
+    return _synth(tmp_path_factory, 30)
 
 
 def write_spec(path: Path, data: Path, storage: Path, uri: str, **changes) -> Path:
@@ -87,7 +98,7 @@ def front_of(runs: list) -> list:
     return [r for r in runs if not any(worse(r, o) for o in runs if o is not r)]
 
 
-def test_sweep_end_to_end(cluster, sweep_data, tmp_path, capsys):
+def test_sweep_end_to_end(cluster, main_job_data, tmp_path, capsys):
     import optuna
 
     from dcad.platform.store import mlflow_client
@@ -96,7 +107,7 @@ def test_sweep_end_to_end(cluster, sweep_data, tmp_path, capsys):
     # trained enough (2 × 100 base iterations) for its best model to clear the registration and promotion floors
     base = {"profile": "tiny", "overrides": {**OVERRIDES, "train.base.epochs": 2, "train.base.iters_per_epoch": 100,
                                              "train.validate_refiner": True}}
-    spec = write_spec(tmp_path / "e2e.yaml", sweep_data, tmp_path / "sweeps", uri, register_best="sweep-e2e", base=base,
+    spec = write_spec(tmp_path / "e2e.yaml", main_job_data, tmp_path / "sweeps", uri, register_best="sweep-e2e", base=base,
                       early_stopping={"grace_period": 3, "max_t": 3, "reduction_factor": 2})  # after the refiner's epoch
     out = tmp_path / "result.json"
     proc = start_dcad(["sweep", str(spec), "--address", cluster.address, "--json", str(out)], tmp_path / "e2e.log")
@@ -155,13 +166,13 @@ def test_sweep_end_to_end(cluster, sweep_data, tmp_path, capsys):
     decision = json.loads(promoted.out)
     assert decision["decision"] == "first" and decision["moved"] and decision["below_floor"] == {}
     assert client.get_model_version_by_alias("sweep-e2e", "champion").version == version.version
-    evaluated = run_dcad(capsys, "eval", "models:/sweep-e2e@champion", "--data", str(sweep_data), "--json",
+    evaluated = run_dcad(capsys, "eval", "models:/sweep-e2e@champion", "--data", str(main_job_data), "--json",
                          str(tmp_path / "champion.json"), "--tracking-uri", uri)
     assert evaluated.code == 0, evaluated.err
     metrics = json.loads((tmp_path / "champion.json").read_text())
     assert set(metrics["categories"]) == {"brick", "hex_nut"}
     assert metrics["mean"]["image_auroc"] >= floor and metrics["mean"]["pixel_auroc"] >= floor, metrics["mean"]
-    images = sweep_data / "brick" / "test"
+    images = main_job_data / "brick" / "test"
     predicted = run_dcad(capsys, "predict", "models:/sweep-e2e@champion", str(images), "--out", str(tmp_path / "pred"),
                          "--tracking-uri", uri)
     assert predicted.code == 0, predicted.err
