@@ -106,6 +106,8 @@ def short_value(value) -> str:
 def params_table(title: str, rows: list[tuple[str, dict]], keys: list[str], label: str = "#") -> Table | None:
     """One column per param (headed by its leaf name, wrapped at its words), one row per (label, params);
     None when no param differs."""
+    from rich.markup import escape
+
     if len(rows) > 1:  # a column that is the same everywhere says nothing here
         keys = [k for k in keys if len({str(p.get(k, "")) for _, p in rows}) > 1]
     if not keys:
@@ -118,8 +120,6 @@ def params_table(title: str, rows: list[tuple[str, dict]], keys: list[str], labe
         values = [str(p.get(key, "")) for _, p in rows]
         widest = max([len(w) for w in header.split()] + [min(len(v), 17) for v in values])
         table.add_column(header, overflow="fold", width=widest)
-    from rich.markup import escape
-
     for name, params in rows:
         table.add_row(escape(name), *(escape(str(params.get(k, ""))) for k in keys))
     return table

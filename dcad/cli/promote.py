@@ -79,16 +79,15 @@ def _report(result, json_out: bool) -> None:
         console.print(gate_table(result.gate, f"v{result.previous}", f"v{result.version}", only_regressions=not result.moved))
     mean = ", ".join(f"{k} {v:.3f}" for k, v in result.candidate.get("mean", {}).items() if k in result.gate.metrics)
     console.print(f"version {result.version} on {result.data.name}: mean {mean}", highlight=False)
+    held = result.gate.has_incumbent
+    moved = f"moved from version {result.previous} to {result.version}" if held else f"→ version {result.version}"
+    stays = f"stays on version {result.previous}" if held else "stays unset"
     verdict = {
-        "first": f"[green]first holder[/]: {result.name}@{result.alias} → version {result.version}",
-        "passed": f"[green]gate passed[/]: {result.name}@{result.alias} moved from version {result.previous} to {result.version}",
-        "forced": f"[yellow]gate refused, forced[/]: {result.name}@{result.alias} moved from version {result.previous} to {result.version}",
-        "refused": f"[red]gate refused[/]: {result.name}@{result.alias} stays on version {result.previous}",
+        "first": f"[green]first holder[/]: {result.name}@{result.alias} {moved}",
+        "passed": f"[green]gate passed[/]: {result.name}@{result.alias} {moved}",
+        "forced": f"[yellow]gate refused, forced[/]: {result.name}@{result.alias} {moved}",
+        "refused": f"[red]gate refused[/]: {result.name}@{result.alias} {stays}",
     }[result.decision]
-    if result.decision == "forced" and not result.gate.has_incumbent:
-        verdict = f"[yellow]gate refused, forced[/]: {result.name}@{result.alias} → version {result.version}"
-    if result.decision == "refused" and not result.gate.has_incumbent:
-        verdict = f"[red]gate refused[/]: {result.name}@{result.alias} stays unset"
     console.print(verdict)
 
 

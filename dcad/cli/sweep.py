@@ -84,7 +84,9 @@ def trials_tables(result) -> list[Table]:
 def _fmt(value) -> str:
     if value is None:
         return "—"
-    return f"{value:.3f}" if isinstance(value, float) and 0 < abs(value) < 1 else f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else str(value)
+    if isinstance(value, float):
+        return f"{value:.3f}" if 0 < abs(value) < 1 else f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 def register(app: typer.Typer) -> None:

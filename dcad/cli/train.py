@@ -19,7 +19,6 @@ from dcad.cli.tracking import (
     tracked,
 )
 from dcad.core.config import PROFILES, ConfigError, load_config
-from dcad.core.errors import DcadError
 
 MODEL_HELP = "A model directory (or, with MLflow, runs:/RUN_ID/model or models:/NAME@ALIAS)."
 
@@ -148,8 +147,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model on a dataset's test split: per-category and mean metrics."""
     from dcad.cli.common import defect_table, metrics_table, progress_bar, write_json
-    from dcad.core.data import AnomalyDataset, open_for_model
-    from dcad.core.inference import evaluate
+    from dcad.core.inference import evaluate, open_test_set
     from dcad.core.model.drdc import with_inference_overrides
     from dcad.core.model.model_dir import load_model
     from dcad.train.pipeline import resolve_device
@@ -157,13 +155,10 @@ def eval_cmd(
     tracking = CommandTracking.begin(log, tracking_uri, experiment, run_name, "eval")
     dev = resolve_device(device)
     net = with_inference_overrides(load_model(resolve_model_dir(model, tracking_uri), dev), overrides)
-    index, skipped = open_for_model(data, net.categories)
+    index, skipped, test = open_test_set(data, net)
     if skipped:
         err_console.print(f"note: evaluating the model's {len(index.categories)} categories; {data} also holds "
                           f"{', '.join(skipped)}, which it was not trained on", highlight=False)
-    test = AnomalyDataset(index.test, net.categories, net.image_size)
-    if len(test) == 0:
-        raise DcadError(f"{data}: the test split is empty")
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=len(test))
         result = evaluate(

@@ -62,7 +62,7 @@ def serve_until_stopped(cmd: list[str], env: dict[str, str], banner: str) -> int
         typer.echo(banner)
         return proc.wait()
     except _Stop:
-        for sig, handler in previous.items():
+        for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         if record is not None:
             procs.stop(record, grace_s=15.0)

@@ -62,3 +62,16 @@ def evaluate(
             list(batch["defect_type"]),
         )
     return evaluator.compute()
+
+
+def open_test_set(root, model: DRDC):
+    """(index, categories of the data the model was not trained on, test dataset) of the data at `root`,
+    restricted to the model's categories; DatasetError if nothing is left to test."""
+    from dcad.core.data import AnomalyDataset, open_for_model
+    from dcad.core.errors import DatasetError
+
+    index, skipped = open_for_model(root, model.categories)
+    test = AnomalyDataset(index.test, model.categories, model.image_size)
+    if len(test) == 0:
+        raise DatasetError(f"{root}: the test split is empty")
+    return index, skipped, test

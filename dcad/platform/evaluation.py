@@ -5,22 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from dcad.core.errors import DcadError
-
 
 def evaluate_model_dir(model_dir: Path, data: Path, device: str = "auto") -> dict:
     """Per-category and mean metrics of the model directory on `data`'s test split (the model's categories)."""
-    from dcad.core.data import AnomalyDataset, open_for_model
-    from dcad.core.inference import evaluate
+    from dcad.core.inference import evaluate, open_test_set
     from dcad.core.model.model_dir import load_model
     from dcad.train.pipeline import resolve_device
 
     dev = resolve_device(device)
     net = load_model(model_dir, dev)
-    index, _ = open_for_model(data, net.categories)
-    test = AnomalyDataset(index.test, net.categories, net.image_size)
-    if len(test) == 0:
-        raise DcadError(f"{data}: the test split is empty")
+    _, _, test = open_test_set(data, net)
     return evaluate(net, test, net.cfg.train.eval_batch_size, dev)
 
 

@@ -97,8 +97,9 @@ def below_floor(result: dict, metrics: tuple[str, ...], floor: float) -> dict[st
     low = {}
     for metric in metrics:
         value = means.get(metric)
-        if value is None or _nan(float(value)) or float(value) < floor:
-            low[metric] = None if value is None or _nan(float(value)) else float(value)
+        value = None if value is None or _nan(float(value)) else float(value)
+        if value is None or value < floor:
+            low[metric] = value
     return low
 
 

@@ -144,11 +144,11 @@ def resolve_parent(client, value: str) -> str:
     safe = value.replace("'", "")
     runs = [
         run
-        for tag in ("dcad.sweep", "dcad.sweep_series")
-        for run in (client.search_runs(
+        for tag in ("dcad.sweep", "dcad.sweep_series") if ids
+        for run in client.search_runs(
             ids, filter_string=f"tags.`{tag}` = '{safe}' and tags.`dcad.kind` = 'sweep'",
             order_by=["attributes.start_time DESC"], max_results=1,
-        ) if ids else [])
+        )
     ]
     if not runs:
         raise TrackingError(f"--parent {value}: no run with this id and no sweep with this name")

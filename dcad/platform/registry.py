@@ -153,12 +153,14 @@ def _version_run_id(client, uri: str) -> str:
     name, sep, alias = ref.partition("@")
     try:
         if sep:
-            version = client.get_model_version_by_alias(name, alias)
+            version = alias_holder(client, name, alias)
         else:
             name, _, number = ref.rpartition("/")
             version = client.get_model_version(name, number)
     except MlflowException:
-        raise RegistryError(f"--run {uri}: no such registered model version") from None
+        version = None
+    if version is None:
+        raise RegistryError(f"--run {uri}: no such registered model version")
     if not version.run_id:
         raise RegistryError(f"--run {uri}: the version records no source run")
     return version.run_id

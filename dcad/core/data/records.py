@@ -88,9 +88,10 @@ def open_for_model(root: str | Path, model_categories: list[str]) -> tuple[Datas
     from dcad.core.errors import DatasetError
 
     index = open_dataset(root)
-    shared = [c for c in index.categories if c in set(model_categories)]
+    known = set(model_categories)
+    shared = [c for c in index.categories if c in known]
     if not shared:
         raise DatasetError(f"{root}: none of its categories ({', '.join(index.categories)}) is known to the model "
                            f"(it was trained on {', '.join(model_categories)})")
-    skipped = [c for c in index.categories if c not in set(model_categories)]
+    skipped = [c for c in index.categories if c not in known]
     return (index.only(shared) if skipped else index), skipped

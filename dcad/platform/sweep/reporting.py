@@ -229,10 +229,12 @@ FLOOR_METRICS = ("val_image_auroc", "val_pixel_auroc")
 
 def below_register_floor(records: list[TrialRecord], best: BestTrial, spec: SweepSpec) -> str:
     """What keeps the best trial under `spec.register_floor` (validation metrics only), or ''."""
+    from dcad.platform.gate import below_floor
+
     metrics = next((r.metrics for r in records if r.trial_id == best.trial_id), {})
-    low = [f"{m} {'missing' if metrics.get(m) is None else f'{metrics[m]:.3f}'}" for m in FLOOR_METRICS
-           if spec.register_floor > 0 and (metrics.get(m) is None or metrics[m] < spec.register_floor)]
-    return " and ".join(low) + (" below the floor" if low else "")
+    low = below_floor({"mean": metrics}, FLOOR_METRICS, spec.register_floor)
+    shown = [f"{m} {'missing' if v is None else f'{v:.3f}'}" for m, v in low.items()]
+    return " and ".join(shown) + (" below the floor" if shown else "")
 
 
 def register_best(client, spec: SweepSpec, best: BestTrial, data: Path, tracking_uri: str) -> str:
