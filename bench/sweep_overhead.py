@@ -1,18 +1,20 @@
-"""Sweep overhead: the share of a sweep's wall time not spent inside trial training and evaluation.
+"""Sweep overhead: the share of a sweep's wall time not spent training or evaluating models.
 
 Runs a sweep spec (default `sweeps/quickstart.yaml`) end to end on a local Ray instance (or
 `--address`), with its storage and MLflow store in a temporary directory, and reads every result the
-trials reported (`STORAGE/NAME/tune/trial_*/result.json`). Busy time is the union over trials of
+trials reported (`STORAGE/NAME/tune/trial_*/result.json`). Busy time is the union of
 
-    training    from the start of the first epoch (its report time minus `epoch_seconds`) to the last
-                report of the Ray Train run (the final checkpoint, after calibration)
-    evaluation  from the inference-timing pass on the validation images to the end of the test evaluation
+    shared base   the one base-branch training the sweep shares between its trials (when it has one)
+    training      each trial's `train_drdc` (its stages, or only calibration when it re-scores shared
+                  weights), from `train_start` to `train_end` in its last result; for a multi-worker trial,
+                  from its first epoch (report time minus `epoch_seconds`) to its last report
+    evaluation    from the inference-timing pass on the validation images to the end of the test evaluation
 
-and everything else is overhead: Ray start, Tune and Optuna bookkeeping, each trial's TorchTrainer start
-and teardown, the workers' data loading and feature cache, checkpoint uploads, MLflow logging (model
-included), plots and registration. Target: overhead share ≤ 20 %.
+and everything else is overhead: Ray start, Tune and Optuna bookkeeping, trial start-up, data loading,
+stage downloads, checkpoint copies, MLflow logging (model included), plots and registration.
+Also reported: trials per hour (finished trials over the wall time). Target: overhead share ≤ 20 %.
 
-    python bench/sweep_overhead.py [--spec sweeps/quickstart.yaml] [--address ADDR] [--num-trials N]
+    python bench/sweep_overhead.py [--spec sweeps/quickstart.yaml] [--address ADDR] [--num-trials N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ def busy_intervals(results: list[dict]) -> tuple[list[tuple[float, float]], dict
     done = [r for r in results if r.get("trial_done") == 1.0]
     spans: list[tuple[float, float]] = []
     info: dict = {"epochs_reported": len(train), "finished": bool(done)}
-    if train:
+    if done and "train_start" in done[-1]:
+        d = done[-1]
+        spans.append((d["train_start"], d["train_end"]))
+        info["train_busy_s"] = d["train_end"] - d["train_start"]
+        info["started_from"] = d.get("started_from")
+    elif train:
         first = train[0]
         start = first["report_time"] - float(first.get("epoch_seconds") or 0.0)
         spans.append((start, max(r["report_time"] for r in train)))
@@ -50,7 +57,7 @@ def busy_intervals(results: list[dict]) -> tuple[list[tuple[float, float]], dict
         spans.append((d["infer_start"], d["eval_end"]))
         info["eval_busy_s"] = d["eval_end"] - d["infer_start"]
         info["trial_fit_s"] = d["fit_end"] - d["fit_start"]
-        info["trainer_fixed_s"] = info["trial_fit_s"] - info.get("train_busy_s", 0.0)
+        info["trial_fixed_s"] = info["trial_fit_s"] - info.get("train_busy_s", 0.0)
     return spans, info
 
 
@@ -90,7 +97,11 @@ def main() -> None:
             trial_spans, info = busy_intervals(results)
             spans += trial_spans
             per_trial[trial_id] = info
+        shared = result.stage_seconds.get("shared_base")
+        if shared:
+            spans.append(tuple(shared))
     busy = union_length(spans)
+    finished = sum(t.status == "finished" for t in result.trials)
     figures = {
         "spec": args.spec,
         "num_trials": spec.num_trials,
@@ -100,6 +111,9 @@ def main() -> None:
         "sweep_fit_s": round(result.wall_seconds, 1),
         "busy_s": round(busy, 1),
         "overhead_share": round(1 - busy / wall, 3),
+        "trials_per_hour": round(finished * 3600 / wall, 1),
+        "shared_base_s": round(shared[1] - shared[0], 1) if shared else None,
+        "pareto_front": len(result.pareto),
         "target": TARGET,
         "meets_target": 1 - busy / wall <= TARGET,
         "trials": {s: sum(t.status == s for t in result.trials) for s in ("finished", "stopped", "failed", "incomplete")},

@@ -184,44 +184,60 @@ def test_sweep_end_to_end(cluster, main_job_data, tmp_path, capsys):
     assert again.code == 0 and "this is a new sweep 'e2e-2'" in " ".join(again.out.split()), again.err
 
 
-def _trial_dirs(storage: Path, name: str) -> list[Path]:
-    return sorted((storage / name / "trials").glob("trial-*"))
+def _results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written
+            pass
+    return out
 
 
 def _interruptible(storage: Path, name: str):
-    """One trial finished (its final checkpoint) and another with an epoch checkpoint but no final one."""
-    dirs = _trial_dirs(storage, name)
-    done = [d for d in dirs if (d / "final").is_dir()]
-    midway = [d for d in dirs if (d / "checkpoint_manager_snapshot.json").is_file() and not (d / "final").is_dir()]
+    """One trial finished (its final result) and another with an epoch checkpoint but no final result."""
+    dirs = sorted((storage / name / "tune").glob("trial_*"))
+    done = [d for d in dirs if any(r.get("trial_done") == 1.0 for r in _results(d))]
+    midway = [d for d in dirs if d not in done and list(d.glob("checkpoint_*"))]
     return (done, midway) if done and midway else None
 
 
-def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path):
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
+    """Ctrl-C, or the driver killed outright: `--resume` reruns no finished trial, continues the half-trained one
+    from its checkpoint, and keeps the Optuna study and the MLflow parent run."""
     import optuna
 
     from dcad.platform.store import mlflow_client
 
     uri = sqlite_uri(tmp_path / "store")
     storage = tmp_path / "sweeps"
-    overrides = {**OVERRIDES, "train.base.epochs": 3}
+    # refiner epochs long enough to catch a trial between its checkpoints
+    overrides = {**OVERRIDES, "train.base.epochs": 2, "train.refiner.epochs": 3, "train.refiner.iters_per_epoch": 25}
     spec = write_spec(tmp_path / "resume.yaml", sweep_data, storage, uri, max_concurrent=1,
                       base={"profile": "tiny", "overrides": overrides})
     args = ["sweep", str(spec), "--address", cluster.address]
-    first = start_dcad(args, tmp_path / "first.log")
+    first = start_dcad(args, tmp_path / "first.log", env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
         done, midway = wait_for(lambda: _interruptible(storage, "resume"), 480, "a finished and a half-trained trial")
     except AssertionError:
         first.kill()
         raise AssertionError(first.text()[-5000:]) from None
-    first.proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune stops the running trial and saves its state
-    assert first.wait(timeout=120) == 130, first.text()[-4000:]
-    assert "continue it with: dcad sweep SPEC --resume" in first.text()
+    if how == "sigint":
+        first.proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune stops the running trial and saves its state
+        assert first.wait(timeout=120) == 130, first.text()[-4000:]
+        assert "continue it with: dcad sweep SPEC --resume" in first.text()
+    else:
+        time.sleep(3)  # the experiment state (saved every second here) holds the midway trial's checkpoint
+        first.kill()  # SIGKILL to the driver's process group: nothing is saved or ended
 
     state = json.loads((storage / "resume" / "sweep_state.json").read_text())
     client = mlflow_client(uri)
     before = {k.data.tags["dcad.trial_id"]: k for k in children(client, state["parent_run_id"])}
-    finished_id = done[0].name.removeprefix("trial-")
-    half_id = midway[0].name.removeprefix("trial-")
+    finished_id = done[0].name.removeprefix("trial_")
+    half_id = midway[0].name.removeprefix("trial_")
     assert before[finished_id].info.status == "FINISHED"
     study = optuna.load_study(study_name="resume", storage=state["study_storage"])
     study_id, n_before = study._study_id, len(study.trials)
@@ -247,10 +263,12 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path):
     assert after[finished_id].info.end_time == before[finished_id].info.end_time
     assert f"trial {finished_id} started" not in log
     # the half-trained trial continued from its checkpoint, in its own MLflow run
-    assert trials[half_id]["resumed_from_epoch"] >= 1
-    assert f"resuming run 'trial-{half_id}' from its checkpoint of epoch" in log
+    assert trials[half_id]["resumed_from_epoch"] >= 3, trials[half_id]  # 2 base epochs + at least one refiner epoch
+    assert f"trial {half_id}: resuming from its checkpoint of epoch" in log
     assert after[half_id].info.run_id == before[half_id].info.run_id
     assert after[half_id].data.tags.get("dcad.resumed") == "true"
+    # the shared base branch was trained once, by the first driver
+    assert "shared base branch: already trained" in log
     # the Optuna study continued: same study, one trial per Tune trial, all complete
     study = optuna.load_study(study_name="resume", storage=state["study_storage"])
     assert study._study_id == study_id

@@ -33,6 +33,7 @@ from dcad.platform.ray_worker import (
     train_worker,
 )
 from dcad.platform.secrets import redact
+from dcad.platform.store import absolute_uri
 from dcad.platform.storage import StorageLocation, check_writable, read_text, resolve_storage
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train V2 next to the checkpoints
@@ -154,10 +155,13 @@ def train_on_ray(
     log: Log = print,
     callbacks: list | None = None,
     worker_phases: bool = True,
+    stages_root: str | None = None,
+    dataset_digest: str | None = None,
 ) -> RayTrainOutcome:
     """Run (or continue) the training described by `plan`; returns the trained, calibrated model.
 
-    `callbacks`: Ray Train callbacks for the run's `RunConfig` (a sweep passes its `TuneReportCallback`).
+    `callbacks`: Ray Train callbacks for the run's `RunConfig` (a sweep passes one that forwards reports to Tune);
+    `stages_root`: a sweep directory whose shared training stages the workers start from.
     """
     opts = plan.options
     if plan.previous is not None and plan.previous.get("final"):  # e.g. the driver died after training ended
@@ -170,22 +174,14 @@ def train_on_ray(
     log(f"Ray Train run '{plan.name}': {opts.workers} worker(s) on {where}, checkpoints in {plan.where}")
     if plan.previous is not None:
         log(f"resuming run '{plan.name}' from its checkpoint of {describe_checkpoint(plan.previous)}")
-    spec = WorkerSpec(cfg.model_dump(mode="json"), str(Path(data_root).resolve()), _absolute(tracking_uri), mlflow_run_id,
-                      phases=worker_phases)
+    spec = WorkerSpec(cfg.model_dump(mode="json"), str(Path(data_root).resolve()), absolute_uri(tracking_uri), mlflow_run_id,
+                      phases=worker_phases, stages_root=stages_root, dataset_digest=dataset_digest or "")
     started = time.perf_counter()
     result = _fit(_trainer(spec, plan, callbacks), plan)
     outcome = _outcome_from_checkpoint(result.checkpoint, plan)
     outcome.fit_seconds = time.perf_counter() - started
     outcome.resumed_from = plan.previous
     return outcome
-
-
-def _absolute(tracking_uri: str | None) -> str | None:
-    """Workers run in another directory: a relative sqlite path must not change meaning there."""
-    prefix = "sqlite:///"
-    if tracking_uri and tracking_uri.startswith(prefix) and not tracking_uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(tracking_uri[len(prefix):]).resolve())
-    return tracking_uri
 
 
 def _trainer(spec: WorkerSpec, plan: RayRunPlan, callbacks: list | None = None):

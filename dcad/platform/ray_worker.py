@@ -38,6 +38,8 @@ class WorkerSpec:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     phases: bool = True  # print each training phase (a sweep reports progress itself)
+    stages_root: str | None = None  # a sweep directory whose shared stages (`dcad.platform.stage_store`) to use
+    dataset_digest: str = ""
 
     def to_config(self) -> dict[str, Any]:
         return {"spec": self.__dict__.copy()}
@@ -101,7 +103,8 @@ class _Reporter:
 
         epoch = stage_offsets(self.cfg)[report.stage] + report.epoch
         seconds = float(report.extra.get("seconds", float("nan")))
-        metrics = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, **report.metrics, "epoch_seconds": seconds}
+        metrics = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, **report.metrics, "epoch_seconds": seconds,
+                   **placement_group_of_this_worker()}
         self.history.append({"stage": report.stage, "epoch": report.epoch, "global_epoch": epoch, **report.metrics,
                              "epoch_seconds": seconds})
         if not self.chief:
@@ -157,6 +160,28 @@ class _Reporter:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+PLACEMENT_GROUP_KEY = "placement_group"
+
+
+def placement_group_of_this_worker() -> dict[str, str]:
+    """{PLACEMENT_GROUP_KEY: id} of the worker group's placement group (a sweep removes it if Tune stops the
+    trial: `dcad.platform.sweep.cleanup`), or {} outside one."""
+    import ray.util
+
+    group = ray.util.get_current_placement_group()
+    return {PLACEMENT_GROUP_KEY: group.id.hex()} if group is not None else {}
+
+
+def _stage_store(spec: WorkerSpec):
+    """The sweep's shared stages this run starts from and publishes to (None outside a sweep)."""
+    if not spec.stages_root:
+        return None
+    from dcad.platform.stage_store import StageStore
+    from dcad.platform.storage import resolve_storage
+
+    return StageStore(resolve_storage(spec.stages_root, Path(spec.stages_root)), spec.dataset_digest)
 
 
 def _restore(local_dir: Path) -> dict[str, Any] | None:
@@ -229,6 +254,10 @@ def train_worker(config: dict[str, Any]) -> None:
         hooks = TrainHooks(on_epoch=reporter.on_epoch, on_phase=(lambda name: log(name)) if rank == 0 and spec.phases else None)
         role = TrainRole(chief=rank == 0, wrap_module=_wrap_ddp if world > 1 else None)
         splits = build_splits(Path(spec.data_root), cfg.data)
+        stages = _stage_store(spec)
+        start = stages.best_start(cfg) if stages is not None else None
+        if stages is not None and rank == 0:
+            hooks.on_shared = lambda stage, result: stages.publish(stage, cfg, result)
         model, val_metrics = train_drdc(
             cfg,
             splits,
@@ -237,7 +266,12 @@ def train_worker(config: dict[str, Any]) -> None:
             resume=meta is not None,
             hooks=hooks,
             role=role,
+            start=start,
         )
+        if stages is not None and rank == 0 and (start is None or start.weights is None):
+            from dcad.train.shared_stages import TrainedWeights
+
+            stages.publish("weights", cfg, TrainedWeights.of(model, hooks.history))
         reporter.final(model, val_metrics)
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)

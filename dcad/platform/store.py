@@ -65,6 +65,14 @@ def sqlite_path(uri: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+def absolute_uri(uri: str | None) -> str | None:
+    """A relative `sqlite:///PATH` made absolute: other processes (Ray workers, Tune trials) run elsewhere."""
+    prefix = "sqlite:///"
+    if uri and uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 def artifact_root_for(uri: str) -> Path | None:
     """Local artifact root of a sqlite store: `artifacts/` next to the database (None for servers)."""
     db = sqlite_path(uri)

@@ -1,5 +1,8 @@
 """Train a DRDC model end to end on one process: prototypes → base stage → refiner stage → calibration.
 
+`start` (a `StageStart`) lets a training begin from stages an earlier one produced (a sweep shares them:
+`dcad.train.shared_stages`); `train_base` trains only the base stage.
+
 Each stage runs through `fit_stage` and is checkpointed at every epoch under `checkpoint_dir`, so an
 interrupted run resumes where it stopped (`resume=True`). A distributed runner (`dcad.platform.ray_train`)
 calls `train_drdc` on every worker with a `TrainRole`: all ranks train (the role's `wrap_module` wraps the
@@ -27,12 +30,14 @@ from dcad.core.model.fusion import gaussian_blur, image_score
 from dcad.train.base_stage import BaseStage
 from dcad.train.calibrate import calibrate, fit_base_statistics
 from dcad.train.checkpoint import load_checkpoint, save_checkpoint
-from dcad.train.features import compute_features
+from dcad.train.features import FeatureCache, compute_features
 from dcad.train.loop import fit_stage
 from dcad.train.refiner_stage import RefinerStage
+from dcad.train.shared_stages import TrainedBase, TrainedWeights, load_into
 from dcad.train.stage import EpochCallback, EpochReport, StepCallback
 
 PhaseCallback = Callable[[str], None]
+SharedCallback = Callable[[str, object], None]  # ("features", FeatureCache) or ("base", TrainedBase)
 ModuleWrapper = Callable[[nn.Module], nn.Module]
 
 
@@ -49,11 +54,16 @@ class TrainHooks:
     on_epoch: EpochCallback | None = None
     on_step: StepCallback | None = None
     on_phase: PhaseCallback | None = None
+    on_shared: SharedCallback | None = None  # told each result another training could start from
     history: list[dict] = field(default_factory=list)
 
     def phase(self, name: str) -> None:
         if self.on_phase:
             self.on_phase(name)
+
+    def shared(self, stage: str, result) -> None:
+        if self.on_shared:
+            self.on_shared(stage, result)
 
 
 def seed_everything(seed: int) -> None:
@@ -172,6 +182,23 @@ def _run_stage(stage, stage_cfg, cfg: DCADConfig, device, checkpoint_dir, resume
     )
 
 
+@dataclass
+class StageStart:
+    """Earlier results to start from (`dcad.train.shared_stages`): each one skips the stages it holds."""
+
+    features: FeatureCache | None = None  # skips the backbone pass over the training images
+    base: TrainedBase | None = None  # skips it and the base stage
+    weights: TrainedWeights | None = None  # skips every stage: only calibration is left
+
+    @property
+    def what(self) -> str:
+        if self.weights is not None:
+            return "trained weights (calibration only)"
+        if self.base is not None:
+            return "a trained base branch"
+        return "a feature cache" if self.features is not None else "nothing"
+
+
 def train_drdc(
     cfg: DCADConfig,
     splits: Splits,
@@ -181,32 +208,32 @@ def train_drdc(
     resume: bool = False,
     hooks: TrainHooks | None = None,
     role: TrainRole | None = None,
+    start: StageStart | None = None,
 ) -> tuple[DRDC, dict[str, float]]:
-    """Train both stages and calibrate on validation; returns the model and its validation metrics.
+    """Train both stages (from `start` where given) and calibrate on validation; the model and its validation metrics.
 
     A non-chief `role` trains only: its model is left uncalibrated and its metrics are empty.
     """
     hooks = hooks or TrainHooks()
     role = role or TrainRole()
+    start = start or StageStart()
     seed_everything(cfg.train.seed)
     if checkpoint_dir is not None and role.chief:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     bs = cfg.train.eval_batch_size
     model = DRDC(cfg, splits.categories).to(device)
-    hooks.phase("prototypes and feature cache")
-    cache = compute_features(model.backbone, splits.train, bs, device)
-    model.prototypes.copy_(cache.category_prototypes(len(model.categories)).to(device))
     val = _ValidationSet(model, splits.val, bs, device, cfg.train.val_max_images) if role.chief else None
-
-    hooks.phase("base branch")
-    # validation scores the plain module (never a DDP wrapper, whose forward would wait for the other ranks)
-    base_validate = (lambda _module: val.base_metrics(model.base)) if val is not None else None
-    base_stage = BaseStage(model.base, cache, validate_fn=base_validate)
-    _run_stage(base_stage, cfg.train.base, cfg, device, checkpoint_dir, resume, hooks, role)
+    if start.weights is not None:
+        hooks.phase("trained weights shared with an earlier training: calibrating only")
+        load_into(model, start.weights)
+        hooks.history.extend(start.weights.history)
+        cache = None
+    else:
+        cache = _train_base(model, cfg, splits, device, checkpoint_dir, resume, hooks, role, start, val)
     model.eval()
     fit_base_statistics(model, splits.val, bs, device)
 
-    if model.uses_refiner:
+    if model.uses_refiner and start.weights is None:
         hooks.phase("refiner")
         images, cats = stack_images(splits.train, bs)
         base_maps = _standardised_base_maps(model, cache, device)
@@ -228,6 +255,54 @@ def train_drdc(
     hooks.phase("validation metrics of the calibrated model")
     val_metrics.update(val.full_metrics(splits.val, bs, recalibrate=False))
     return model, val_metrics
+
+
+def train_base(cfg: DCADConfig, splits: Splits, *, device: torch.device, hooks: TrainHooks | None = None,
+               start: StageStart | None = None) -> TrainedBase:
+    """Only the base stage (from `start.features` when given): what trainings that differ in later keys share."""
+    hooks = hooks or TrainHooks()
+    trained: dict[str, object] = {}
+    told = hooks.on_shared
+
+    def keep(stage: str, result) -> None:
+        trained[stage] = result
+        if told:
+            told(stage, result)
+
+    hooks.on_shared = keep
+    seed_everything(cfg.train.seed)
+    model = DRDC(cfg, splits.categories).to(device)
+    val = _ValidationSet(model, splits.val, cfg.train.eval_batch_size, device, cfg.train.val_max_images)
+    _train_base(model, cfg, splits, device, None, False, hooks, TrainRole(), start or StageStart(), val)
+    hooks.on_shared = told
+    return trained["base"]
+
+
+def _train_base(model: DRDC, cfg: DCADConfig, splits: Splits, device, checkpoint_dir, resume, hooks: TrainHooks,
+                role: TrainRole, start: StageStart, val) -> FeatureCache:
+    """Prototypes and the base branch (trained, or taken from `start`); the feature cache of the training set."""
+    bs = cfg.train.eval_batch_size
+    if start.base is not None:
+        hooks.phase("base branch shared with an earlier training")
+        load_into(model, start.base)
+        hooks.history.extend(start.base.history)
+        return start.base.features
+    if start.features is not None:
+        hooks.phase("prototypes (feature cache shared with an earlier training)")
+        cache = start.features
+    else:
+        hooks.phase("prototypes and feature cache")
+        cache = compute_features(model.backbone, splits.train, bs, device)
+        hooks.shared("features", cache)
+    model.prototypes.copy_(cache.category_prototypes(len(model.categories)).to(device))
+    hooks.phase("base branch")
+    # validation scores the plain module (never a DDP wrapper, whose forward would wait for the other ranks)
+    base_validate = (lambda _module: val.base_metrics(model.base)) if val is not None else None
+    base_stage = BaseStage(model.base, cache, validate_fn=base_validate)
+    _run_stage(base_stage, cfg.train.base, cfg, device, checkpoint_dir, resume, hooks, role)
+    history = [h for h in hooks.history if h.get("stage") == "base"]
+    hooks.shared("base", TrainedBase(model.base.state_dict(), model.prototypes.detach().clone(), cache, history))
+    return cache
 
 
 @torch.no_grad()

@@ -89,6 +89,8 @@ class SweepProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}
         what = "finished" if result.get(DONE_KEY) == 1.0 else "stopped early (ASHA)"
+        if result.get(DONE_KEY) == 1.0 and result.get("started_from") not in (None, "nothing"):
+            what += f" (started from {result['started_from']})"
         self._say(trials, f"trial {trial.trial_id} {what}", ending=trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:

@@ -56,33 +56,37 @@ class SweepResult:
 
 
 # ---- trial records -------------------------------------------------------------------------------
-def trial_record(trial, spec: SweepSpec, interrupted: bool = False) -> TrialRecord:
-    """A Tune `Trial` as the sweep reports it (after an interruption, an unfinished trial is `incomplete`)."""
-    result = dict(trial.last_result or {})
-    finished = result.get(DONE_KEY) == 1.0
-    if trial.status == "ERROR":
+def trial_record(result, spec: SweepSpec, interrupted: bool = False) -> TrialRecord:
+    """A trial's `ray.tune.Result` as the sweep reports it (after an interruption, an unfinished trial is
+    `incomplete`; without one, a trial that ended unfinished was stopped by ASHA)."""
+    last = dict(result.metrics or {})
+    finished = last.get(DONE_KEY) == 1.0
+    if result.error is not None:
         status = "failed"
     elif finished:
         status = "finished"
-    elif trial.status == "TERMINATED" and not interrupted:
+    elif last and not interrupted:
         status = "stopped"
     else:
         status = "incomplete"
-    metrics = {k: float(v) for k, v in result.items() if _is_metric(k, v)}
+    metrics = {k: float(v) for k, v in last.items() if _is_metric(k, v)}
     objectives = {o.metric: metrics[o.metric] for o in spec.objective if o.metric in metrics} if finished else {}
-    error = trial_error(trial) if trial.status == "ERROR" else None
+    error = error_line(result.error) if result.error is not None else None
     return TrialRecord(
-        trial.trial_id, status, dict(trial.config), result.get("mlflow_run_id"), objectives, metrics,
-        float(result.get("resumed_from_epoch", 0.0) or 0.0), error,
+        trial_id_of(result), status, dict(result.config or {}), last.get("mlflow_run_id"), objectives, metrics,
+        float(last.get("resumed_from_epoch", 0.0) or 0.0), error,
     )
 
 
-def trial_error(trial) -> str:
-    """The last line of a failed trial's error (Tune keeps the traceback in the trial directory)."""
-    try:
-        err = trial.get_error()
-    except Exception:  # noqa: BLE001 - the error file may be gone
-        err = None
+def trial_id_of(result) -> str:
+    """The Tune trial id: in every reported result, and in the trial directory's name (`trial_<id>`)."""
+    if (result.metrics or {}).get("trial_id"):
+        return str(result.metrics["trial_id"])
+    return Path(str(result.path)).name.removeprefix("trial_")
+
+
+def error_line(err: BaseException | None) -> str:
+    """The last line of a failed trial's error."""
     lines = [line.strip() for line in str(err or "").splitlines() if line.strip()]
     return (lines[-1] if lines else "failed (see the trial's error.txt)")[:300]
 

@@ -1,18 +1,20 @@
 """`run_sweep`: plan, start or resume the Tune experiment, then record the outcome.
 
-A sweep is one Tune experiment (`STORAGE/NAME/tune`) of `num_trials` function trials driven by
-OptunaSearch (persistent study) and, optionally, ASHA. Before Ray starts the runner checks what can be
-checked cheaply (spec, dataset, storage, tracking store, the state of an earlier run under the same
-name); after Ray is up it checks that one trial fits the cluster and lowers the concurrency to what
-fits. `--resume` restores the experiment (`Tuner.restore`): finished trials are kept, unfinished ones
-restart with the same trial id and their Ray Train run continues from its checkpoint, the searcher
-(with its Optuna study) is restored, and the MLflow parent run recorded in the sweep state is reopened.
+A sweep is one Tune experiment (`STORAGE/NAME/tune`) of `num_trials` function trials driven by a
+searcher on a persistent Optuna study and, optionally, ASHA. Before Ray starts the runner checks what
+can be checked cheaply (spec, dataset, storage, tracking store, the state of an earlier run under the
+same name); after Ray is up it checks that one trial fits the cluster and lowers the concurrency to
+what fits. When no swept key changes the base branch it is trained once, before the trials
+(`stages.train_shared_base`). `--resume` restores the experiment (`Tuner.restore`): finished trials are
+kept, unfinished ones restart with the same trial id from their last checkpoint, the searcher (with
+its Optuna study) is restored, and the MLflow parent run recorded in the sweep state is reopened.
+Ctrl-C stops the trials gracefully (Tune saves the experiment) and the sweep ends resumable.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -47,6 +49,8 @@ class SweepPlan:
         es = s.early_stopping
         stopping = (f"ASHA on {s.asha_metric[0]} ({s.asha_metric[1]}), grace {es.grace_period}, max_t {es.max_t} epochs, "
                     f"reduction {es.reduction_factor:g}") if es else "none"
+        from dcad.platform.sweep.stages import StagePlan
+
         lines = [self.note] if self.note else []
         lines += [
             f"sweep '{s.name}' ({'resume' if self.resume else 'new'}): {s.num_trials} trials, at most {s.max_concurrent} at a time",
@@ -54,6 +58,7 @@ class SweepPlan:
             f"dataset: {s.dataset_path()}",
             f"objective: {', '.join(f'{o.metric} ({o.mode})' for o in s.objective)}; sampler {s.sampler.type} (seed {s.sampler.seed})",
             f"early stopping: {stopping}",
+            *StagePlan.of(s).lines(),
             f"resources per trial: {per_trial}; cluster: {self.address or 'a local Ray instance'}",
             f"time budget: {f'{s.time_budget_s:g} s' if s.time_budget_s else 'none'}",
             f"storage: {self.where.describe()}; Optuna study '{s.name}' in {self.study_storage}",
@@ -183,6 +188,7 @@ def _run(plan: SweepPlan, log: Log) -> SweepResult:
         log(line)
     started = time.time()
     try:
+        _train_shared_stages(plan, digest, concurrency, log)
         trials, interrupted = _fit(plan, state, parent.run_id, uri, digest, concurrency, log)
     except KeyboardInterrupt:
         parent.finish("KILLED")
@@ -191,6 +197,13 @@ def _run(plan: SweepPlan, log: Log) -> SweepResult:
         parent.finish("FAILED")
         raise
     return _record(plan, state, parent, trials, interrupted, uri, time.time() - started, log)
+
+
+def _train_shared_stages(plan: SweepPlan, digest: str, concurrency: int, log: Log) -> None:
+    from dcad.platform.sweep.stages import StagePlan, train_shared_base
+
+    if StagePlan.of(plan.spec).shared_base:
+        train_shared_base(plan.spec, plan.where.root, digest, concurrency, log)
 
 
 def fit_concurrency(spec: SweepSpec, where: str, log: Log) -> int:
@@ -220,6 +233,7 @@ def fit_concurrency(spec: SweepSpec, where: str, log: Log) -> int:
 
 
 def _context(plan: SweepPlan, parent_run_id: str, uri: str, digest: str):
+    from dcad.platform.store import absolute_uri
     from dcad.platform.sweep.trial import TrialContext
 
     spec = plan.spec
@@ -236,7 +250,7 @@ def _context(plan: SweepPlan, parent_run_id: str, uri: str, digest: str):
         gpus_per_worker=spec.resources.gpus_per_worker,
         objectives=tuple(o.metric for o in spec.objective),
         carried=tuple(carried),
-        tracking_uri=uri,
+        tracking_uri=absolute_uri(uri),
         experiment=spec.experiment,
         parent_run_id=parent_run_id,
         dataset_digest=digest,
@@ -249,11 +263,16 @@ def trial_dirname(trial) -> str:
 
 
 def _trainable(context):
+    """One worker: the trial function trains itself and holds the worker's resources. Several: it only drives
+    a Ray Train run (whose workers hold theirs)."""
     from ray import tune
 
     from dcad.platform.sweep.trial import run_trial
 
-    return tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPUS})
+    resources = {"CPU": TRIAL_CPUS}
+    if context.workers == 1:
+        resources = {"CPU": context.cpus_per_worker, "GPU": context.gpus_per_worker}
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
 
 
 def _fit(plan: SweepPlan, state: SweepState, parent_run_id: str, uri: str, digest: str, concurrency: int, log: Log):
@@ -274,36 +293,42 @@ def _fit(plan: SweepPlan, state: SweepState, parent_run_id: str, uri: str, diges
     # Tune's newer console output prints its own experiment box and paths whatever `verbose` says; with the
     # classic reporter `verbose=0` is silent, and the sweep's progress lines are the report.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    watch = InterruptWatch.attach()
-    try:
+    with InterruptWatch() as watch:
         results = tuner.fit()
-    finally:
-        watch.detach()
-    return list(results._experiment_analysis.trials), watch.interrupted
+    return list(results), watch.interrupted
 
 
-class InterruptWatch(logging.Handler):
-    """Notices Tune's "Stop signal received" (Ctrl-C / SIGINT): Tune then stops the running trials, saves the
-    experiment and returns normally, with the stopped trials looking TERMINATED in memory."""
+class InterruptWatch:
+    """Ctrl-C (SIGINT) during `tuner.fit()`: noted, then handed to Tune as its graceful stop.
 
-    LOGGER = "ray.tune.tune"
+    Tune stops the running trials, saves the experiment and returns normally on SIGUSR1 (and on SIGINT,
+    unless `TUNE_DISABLE_SIGINT_HANDLER=1`), after which a stopped trial is not told apart from a finished
+    one. So Tune's SIGINT handler is turned off, this one notes the interruption and sends the process the
+    SIGUSR1 Tune listens for; a second Ctrl-C raises KeyboardInterrupt at once."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
         self.interrupted = False
+        self._previous = None
+        self._env = None
 
-    @classmethod
-    def attach(cls) -> "InterruptWatch":
-        watch = cls()
-        logging.getLogger(cls.LOGGER).addHandler(watch)
-        return watch
+    def __enter__(self) -> "InterruptWatch":
+        self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
 
-    def detach(self) -> None:
-        logging.getLogger(self.LOGGER).removeHandler(self)
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+        if self._env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if "Stop signal received" in record.getMessage():
-            self.interrupted = True
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def _new_tuner(plan: SweepPlan, trainable, state: SweepState, concurrency: int):
@@ -330,6 +355,7 @@ def _new_tuner(plan: SweepPlan, trainable, state: SweepState, concurrency: int):
         verbose=0,
         callbacks=[progress.SweepProgress(spec.num_trials, spec.primary.metric, spec.primary.mode), PlacementGroupJanitor()],
         failure_config=tune.FailureConfig(max_failures=0),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 

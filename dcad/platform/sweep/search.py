@@ -1,4 +1,4 @@
-"""Search machinery of a sweep: the define-by-run space, the Optuna sampler and study, OptunaSearch and ASHA.
+"""Search machinery of a sweep: the define-by-run space, the Optuna sampler and study, the searcher and ASHA.
 
 The search space is sampled define-by-run (`SearchSpace.__call__`), so a conditional parameter is only
 drawn when its `when` condition holds. Categorical choices that are lists (e.g. `refiner.timesteps`) go
@@ -21,7 +21,7 @@ STUDY_DB = "optuna.db"
 
 @dataclass
 class SearchSpace:
-    """Define-by-run space for OptunaSearch (picklable: Tune saves it with the searcher's state)."""
+    """Define-by-run space for `SweepSearch` (picklable: Tune saves it with the searcher's state)."""
 
     params: dict[str, dict[str, Any]]  # key -> the parameter's spec as plain data
 
@@ -89,14 +89,14 @@ def study_url(spec: SweepSpec, sweep_dir: Path | None) -> str:
 
 
 def build_searcher(spec: SweepSpec, storage_url: str):
-    """OptunaSearch over the define-by-run space, on the persistent study `spec.name`."""
+    """`SweepSearch` over the define-by-run space, on the persistent study `spec.name` at `storage_url`."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep reports each trial itself
     if storage_url.startswith("sqlite:///"):
         Path(storage_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        storage = optuna.storages.RDBStorage(storage_url)
+        optuna.storages.RDBStorage(storage_url)  # the searcher keeps the URL; this checks it opens
     except Exception as err:  # noqa: BLE001 - sqlalchemy / optuna errors on a bad URL
         raise PlatformError(f"study_storage {storage_url}: cannot open the Optuna storage ({str(err).splitlines()[0]})") from None
     metrics = [o.metric for o in spec.objective]
@@ -109,7 +109,7 @@ def build_searcher(spec: SweepSpec, storage_url: str):
         mode=modes if spec.multi_objective else modes[0],
         sampler=build_sampler(spec),
         study_name=spec.name,
-        storage=storage,
+        storage=storage_url,
     )
 
 

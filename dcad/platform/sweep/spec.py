@@ -25,9 +25,6 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Measured inside a trial on the test split's images; cost metrics only (never a quality metric).
 MEASURED_METRICS = ("ms_per_image", "train_seconds")
 TRIAL_CPUS = 0.01  # the Tune trial only drives a Ray Train run; 0 is refused by Ray
-# Keys that do not change the base stage (its training or its validation): with only these swept, all
-# trials are the same model until the refiner trains.
-REFINER_ONLY_KEYS = ("refiner.", "fusion.mode", "fusion.base_weight", "fusion.weights", "fusion.gate_", "fusion.stats")
 
 
 class SweepSpecError(DcadError):
@@ -348,7 +345,9 @@ def _check_early_stopping(spec: SweepSpec) -> None:
     total = base_epochs + (cfg.train.refiner.epochs if cfg.refiner.enabled and cfg.ablation.mode != "base_only" else 0)
     if es.grace_period > total:
         raise ValueError(f"invalid value for 'early_stopping.grace_period': {es.grace_period} exceeds the {total} epochs a trial trains")
-    if not all(key.startswith(REFINER_ONLY_KEYS) for key in spec.search_space):
+    from dcad.train.shared_stages import trained_stages
+
+    if trained_stages(list(spec.search_space)) & {"features", "base"}:
         return
     # every swept key leaves the base stage alone: trials only differ once the refiner trains
     if es.grace_period <= base_epochs:

@@ -1,32 +1,39 @@
-"""One sweep trial: a Tune function trainable that runs a Ray Train training and evaluates its model once.
+"""One sweep trial: a Tune function trainable that trains (only what it cannot share) and evaluates once.
 
-`run_trial` (inside a Tune trial, 0.01 CPU) builds the trial's config from the base config and the
-sampled parameters, opens (or, after a resume, reopens) its nested MLflow run, and starts the same
-Ray Train run as `dcad train --workers N` (`dcad.platform.ray_train.train_on_ray`) under the stable
-name `trial-<trial id>` in the sweep's storage, so a restored trial continues from its own last
-checkpoint. `SweepReportCallback` forwards every per-epoch report of rank 0 to Tune (ASHA's clock is
-the global epoch; Optuna sees the validation metric). When training ends the trial measures the
-inference time per image on the *validation* images, evaluates the model once on the test split for the
-record, logs metrics, config and model to its MLflow run, and reports one last result. Nothing from
-the test split is ever an objective.
+`run_trial` (inside a Tune trial) builds the trial's config from the base config and the sampled
+parameters and opens (or, after a resume, reopens) its nested MLflow run. It then starts from the
+latest training stage the sweep already holds for that config (`dcad.platform.stage_store`): trained
+weights (then it only calibrates and scores: a *re-scoring*), a trained base branch (it trains the
+refiner), or the feature cache; and it publishes what it trains for the trials after it.
+
+One worker (the default): the trial trains inside its own function, reporting every epoch to Tune with a
+checkpoint (`ray.tune.report`), so a restored trial continues from `ray.tune.get_checkpoint()`. Several
+workers: it starts a Ray Train `TorchTrainer` under the stable name `trial-<trial id>` (a restored trial
+continues from that run's checkpoint) and forwards each epoch report of rank 0 to Tune through a Ray queue.
+Either way, when training ends the trial measures the inference time per image on the *validation*
+images, evaluates the model once on the test split for the record, logs metrics, config and model to its
+MLflow run and reports one last result. Nothing from the test split is ever an objective.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
+import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray.tune.integration.ray_train import TuneReportCallback
-
 from dcad.platform.sweep.reporting import DONE_KEY
 from dcad.platform.sweep.search import decode_params
 
 TRIALS_DIR = "trials"
+META_FILE = "dcad_checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,16 @@ class TrialContext:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class TrialOutcome:
+    model: Any  # DRDC
+    val_metrics: dict[str, float]
+    history: list[dict]
+    fit_seconds: float
+    resumed_from_epoch: float = 0.0
+    started_from: str = "nothing"
+
+
 def train_run_name(trial_id: str) -> str:
     return f"trial-{trial_id}"
 
@@ -61,25 +78,19 @@ def trial_config(base_cfg: dict[str, Any], params: dict[str, Any]):
     return DCADConfig.from_dict(apply_overrides(copy.deepcopy(base_cfg), params), "trial parameters")
 
 
-class SweepReportCallback(TuneReportCallback):
-    """`TuneReportCallback` whose results always hold the sweep's metrics (the last value seen, else NaN).
+class ResultFiller:
+    """Makes every result hold the sweep's metrics (the last value seen, else NaN).
 
     The base stage validates every epoch and the refiner stage may not (or reports other keys); Tune
     refuses a result without the searcher's or the scheduler's metric, so those are carried forward.
-    Each result also gets `report_time` (when it reached the controller) and the trial's MLflow run id.
+    Each result also gets `report_time` and the trial's MLflow run id.
     """
 
     def __init__(self, carried: tuple[str, ...], mlflow_run_id: str | None) -> None:
-        super().__init__()
         self.carried, self.mlflow_run_id = tuple(carried), mlflow_run_id
         self.last: dict[str, float] = {}
 
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        if metrics:
-            metrics = [self._complete(metrics[0]), *metrics[1:]]
-        super().after_report(run_context, metrics, checkpoint)
-
-    def _complete(self, result: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, result: dict[str, Any]) -> dict[str, Any]:
         result = dict(result)
         for key in self.carried:
             if _finite(result.get(key)):
@@ -87,7 +98,7 @@ class SweepReportCallback(TuneReportCallback):
             else:
                 result[key] = self.last.get(key, math.nan)
         result["report_time"] = time.time()
-        result[DONE_KEY] = 0.0
+        result.setdefault(DONE_KEY, 0.0)
         if self.mlflow_run_id:
             result["mlflow_run_id"] = self.mlflow_run_id
         return result
@@ -97,45 +108,198 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def log(trial_id: str, message: str) -> None:
+    print(f"dcad: trial {trial_id}: {message}", flush=True)
+
+
 # ---- the trainable -------------------------------------------------------------------------------
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     """The Tune function trainable (`tune.with_parameters(run_trial, context=...)`)."""
     import ray.tune
 
-    from dcad.platform.ray_train import RayTrainOptions, RayRunPlan, latest_checkpoint_meta, train_on_ray
-    from dcad.platform.storage import resolve_storage
-
-    tune_context = ray.tune.get_context()
-    trial_id = tune_context.get_trial_id()
+    quiet_logs()
+    trial_id = ray.tune.get_context().get_trial_id()
     params = decode_params(config)
     cfg = trial_config(context.base_cfg, params)
+    done = finished_earlier(context, trial_id)
+    if done is not None:  # the driver died after this trial ended, before Tune saved the experiment
+        log(trial_id, "finished before the sweep was stopped: its result is read back from its MLflow run")
+        ray.tune.report({**done, "epoch": float(_total_epochs(cfg))})
+        return
     tracker = open_trial_run(context, trial_id, train_run_name(trial_id), cfg, params)
-    options = RayTrainOptions(context.workers, context.cpus_per_worker, context.gpus_per_worker, context.address)
-    storage = resolve_storage(f"{context.storage.rstrip('/')}/{TRIALS_DIR}", Path(context.storage) / TRIALS_DIR)
-    name = train_run_name(trial_id)
-    plan = RayRunPlan(options, name, storage, latest_checkpoint_meta(storage, name))
-    resumed_epoch = float((plan.previous or {}).get("epoch", 0))
     run_id = tracker.run_id if tracker else None
+    fill = ResultFiller(context.carried, run_id)
     started = time.time()
     try:
-        outcome = train_on_ray(
-            cfg, Path(context.data_root), plan,
-            tracking_uri=tracker.uri if tracker else None, mlflow_run_id=run_id,
-            log=lambda m: print(f"dcad: trial {trial_id}: {m}", flush=True),
-            callbacks=[SweepReportCallback(context.carried, run_id)],
-            worker_phases=False,  # the driver prints each trial's epochs and outcome
-        )
+        stages = stage_store(context)
+        start = stages.best_start(cfg)
+        if start.weights is not None or context.workers == 1:
+            outcome = train_in_trial(cfg, context, trial_id, tracker, stages, start, fill)
+        else:
+            outcome = train_with_workers(cfg, context, trial_id, tracker, fill)
         trained = time.time()
         final = finish_trial(cfg, context, outcome, tracker)
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
         raise
-    final.update(fit_start=started, fit_end=trained, resumed_from_epoch=resumed_epoch, report_time=time.time())
-    if run_id:
-        final["mlflow_run_id"] = run_id
-    wait_for_forwarded_reports()
-    ray.tune.report(final)
+    final.update(fit_start=started, fit_end=trained, resumed_from_epoch=outcome.resumed_from_epoch)
+    ray.tune.report(fill({**final, DONE_KEY: 1.0}))
+
+
+def quiet_logs() -> None:
+    """Warnings and errors only from the libraries in a trial's process: the driver prints the progress."""
+    for name in ("", "ray.train", "ray.tune", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def stage_store(context: TrialContext):
+    from dcad.platform.stage_store import StageStore
+    from dcad.platform.storage import resolve_storage
+
+    return StageStore(resolve_storage(context.storage, Path(context.storage)), context.dataset_digest or "")
+
+
+def train_in_trial(cfg, context: TrialContext, trial_id: str, tracker, stages, start, fill: ResultFiller) -> TrialOutcome:
+    """Train in this process from `start`, one `ray.tune.report` (with a checkpoint) per epoch."""
+    from dcad.core.data import build_splits
+    from dcad.train.pipeline import TrainHooks, resolve_device, train_drdc
+    from dcad.train.shared_stages import TrainedWeights
+
+    local = Path(tempfile.mkdtemp(prefix="dcad-trial-"))
+    try:
+        meta = restore_checkpoint(local)
+        resumed = float((meta or {}).get("epoch", 0))
+        if meta is not None:
+            log(trial_id, f"resuming from its checkpoint of epoch {meta.get('epoch')}")
+        if start.weights is not None:
+            log(trial_id, "re-scoring: the sweep already trained this model's weights")
+        elif start.base is not None:
+            log(trial_id, "starting from the sweep's trained base branch")
+        epochs = EpochReporter(cfg, local, tracker, fill, list((meta or {}).get("history", [])))
+        hooks = TrainHooks(on_epoch=epochs, on_shared=lambda stage, result: stages.publish(stage, cfg, result))
+        hooks.history.extend(epochs.history)
+        splits = build_splits(Path(context.data_root), cfg.data)
+        began = time.perf_counter()
+        model, val_metrics = train_drdc(cfg, splits, device=resolve_device("auto"), checkpoint_dir=local,
+                                        resume=meta is not None, hooks=hooks, start=start)
+        history = unique_epochs(hooks.history)
+        if start.weights is None:
+            stages.publish("weights", cfg, TrainedWeights.of(model, history))
+        return TrialOutcome(model, val_metrics, history, time.perf_counter() - began, resumed, start.what)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def unique_epochs(history: list[dict]) -> list[dict]:
+    """One entry per (stage, epoch), the last one kept, in training order."""
+    seen: dict[tuple, dict] = {}
+    for entry in history:
+        seen[(entry.get("stage"), entry.get("epoch"))] = entry
+    order = {"base": 0, "refiner": 1}
+    return sorted(seen.values(), key=lambda e: (order.get(str(e.get("stage")), 2), int(e.get("epoch") or 0)))
+
+
+def restore_checkpoint(local: Path) -> dict[str, Any] | None:
+    """Lay out the trial's last Tune checkpoint (after a restore) in `local`; its metadata, or None."""
+    import ray.tune
+
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    checkpoint.to_directory(str(local))
+    try:
+        return json.loads((local / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class EpochReporter:
+    """The pipeline's epoch reports as Tune results, each with a checkpoint of the training so far."""
+
+    def __init__(self, cfg, local: Path, tracker, fill: ResultFiller, history: list[dict]) -> None:
+        self.cfg, self.local, self.tracker, self.fill, self.history = cfg, local, tracker, fill, history
+
+    def __call__(self, report) -> None:
+        import ray.tune
+
+        from dcad.platform.ray_worker import stage_offsets
+
+        epoch = stage_offsets(self.cfg)[report.stage] + report.epoch
+        seconds = float(report.extra.get("seconds", float("nan")))
+        self.history.append({"stage": report.stage, "epoch": report.epoch, **report.metrics, "epoch_seconds": seconds})
+        if self.tracker is not None:
+            self.tracker.log_epoch(report)
+        meta = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, "history": self.history}
+        staging = Path(tempfile.mkdtemp(prefix="dcad-ckpt-"))
+        try:
+            shutil.copytree(self.local, staging, dirs_exist_ok=True)
+            (staging / META_FILE).write_text(json.dumps(meta, allow_nan=True))
+            metrics = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, **report.metrics,
+                       "epoch_seconds": seconds}
+            ray.tune.report(self.fill(metrics), checkpoint=ray.tune.Checkpoint.from_directory(str(staging)))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- several workers: a Ray Train run per trial ---------------------------------------------------------
+def train_with_workers(cfg, context: TrialContext, trial_id: str, tracker, fill: ResultFiller) -> TrialOutcome:
+    """A `TorchTrainer` run of `context.workers` workers; its epoch reports forwarded to Tune as they come."""
+    import ray.tune
+    from ray.util.queue import Empty, Queue
+
+    from dcad.platform.ray_train import RayRunPlan, RayTrainOptions, latest_checkpoint_meta, train_on_ray
+    from dcad.platform.storage import resolve_storage
+
+    options = RayTrainOptions(context.workers, context.cpus_per_worker, context.gpus_per_worker, context.address)
+    storage = resolve_storage(f"{context.storage.rstrip('/')}/{TRIALS_DIR}", Path(context.storage) / TRIALS_DIR)
+    name = train_run_name(trial_id)
+    plan = RayRunPlan(options, name, storage, latest_checkpoint_meta(storage, name))
+    queue = Queue(actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = train_on_ray(
+                cfg, Path(context.data_root), plan, tracking_uri=tracker.uri if tracker else None,
+                mlflow_run_id=tracker.run_id if tracker else None, log=lambda m: log(trial_id, m),
+                callbacks=[ForwardReports(queue)], worker_phases=False, stages_root=context.storage,
+                dataset_digest=context.dataset_digest)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the trial's own thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name=f"dcad-{name}", daemon=True)
+    thread.start()
+    while thread.is_alive() or not queue.empty():  # reports are put (and waited for) before fit returns
+        try:
+            ray.tune.report(fill(queue.get(timeout=1.0)))
+        except Empty:
+            continue
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    resumed = float((plan.previous or {}).get("epoch", 0))
+    return TrialOutcome(result.model, result.val_metrics, result.history, result.fit_seconds, resumed)
+
+
+def _forward_reports_class():
+    from ray.train import UserCallback
+
+    class _ForwardReports(UserCallback):
+        """Puts rank 0's metrics of every Ray Train report on a Ray queue the trial function reads."""
+
+        def __init__(self, queue) -> None:
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics:
+                self.queue.put(dict(metrics[0]))
+
+    return _ForwardReports
+
+
+def ForwardReports(queue):  # noqa: N802 - builds the callback class lazily (Ray Train is imported on use)
+    return _forward_reports_class()(queue)
 
 
 def open_trial_run(context: TrialContext, trial_id: str, trial_name: str, cfg, params: dict[str, Any]):
@@ -156,6 +320,22 @@ def open_trial_run(context: TrialContext, trial_id: str, trial_name: str, cfg, p
     else:
         tracker.set_tags({"dcad.resumed": "true"})
     return tracker
+
+
+def finished_earlier(context: TrialContext, trial_id: str) -> dict[str, Any] | None:
+    """The final result of this trial when its MLflow run already ended FINISHED with it, else None."""
+    if not context.tracking_uri:
+        return None
+    from dcad.platform.store import mlflow_client
+
+    run_id = find_trial_run(context, trial_id)
+    if run_id is None:
+        return None
+    run = mlflow_client(context.tracking_uri).get_run(run_id)
+    metrics = dict(run.data.metrics)
+    if run.info.status != "FINISHED" or not all(k in metrics for k in context.carried):
+        return None
+    return {**metrics, DONE_KEY: 1.0, "mlflow_run_id": run_id, "report_time": time.time()}
 
 
 def find_trial_run(context: TrialContext, trial_id: str) -> str | None:
@@ -190,6 +370,7 @@ def finish_trial(cfg, context: TrialContext, outcome, tracker) -> dict[str, Any]
     result["validation"] = dict(outcome.val_metrics)
     result["timing"] = {"train_seconds": outcome.fit_seconds, "eval_seconds": eval_end - eval_start, "ms_per_image": ms_per_image}
     if tracker is not None:
+        tracker.log_history(outcome.history)  # curves of stages shared with earlier trials, too
         log_trial_outputs(tracker, model, result, context)
     final: dict[str, Any] = {k: float(v) for k, v in outcome.val_metrics.items() if _finite(v)}
     final.update({f"test_{k}": float(v) for k, v in result["mean"].items() if _finite(v)})
@@ -200,6 +381,7 @@ def finish_trial(cfg, context: TrialContext, outcome, tracker) -> dict[str, Any]
     )
     for key in context.carried:  # e.g. val_loss, which the final validation does not measure
         final.setdefault(key, _last_value(outcome.history, key))
+    final["started_from"] = outcome.started_from
     return final
 
 
@@ -228,14 +410,3 @@ def log_trial_outputs(tracker, model, result: dict, context: TrialContext) -> No
         log_model_outputs(tracker, model_dir)
     tracker.log_metrics({"ms_per_image": result["timing"]["ms_per_image"], "train_seconds": result["timing"]["train_seconds"]})
     tracker.finish("FINISHED")
-
-
-def wait_for_forwarded_reports(timeout_s: float = 30.0) -> None:
-    """Let Tune take the last forwarded Train report before the trial reports its final result."""
-    from ray.train._internal.session import get_session
-
-    queue = getattr(get_session(), "_inter_actor_queue", None)
-    deadline = time.time() + timeout_s
-    while queue is not None and time.time() < deadline and not queue.empty():
-        time.sleep(0.1)
-    time.sleep(0.3)
