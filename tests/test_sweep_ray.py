@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from fixtures_mlflow import run_dcad, sqlite_uri
-from ray_helpers import RAY_TEST_ENV, start_cluster, start_dcad, wait_for
+from ray_helpers import RAY_TEST_ENV, run_dcad_process, start_cluster, start_dcad, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -275,6 +275,37 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
     assert len(study.trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert finished_value[0] in [t.values for t in study.trials]
+
+
+def test_two_worker_trials_train_as_ray_train_runs(cluster, sweep_data, tmp_path):
+    """`resources.workers: 2`: each trial drives a Ray Train run (DDP) from the shared base branch, its epoch
+    reports reach Tune, and its MLflow child run holds what a one-worker trial's does."""
+    from dcad.platform.store import mlflow_client
+
+    uri = sqlite_uri(tmp_path / "store")
+    storage = tmp_path / "sweeps"
+    spec = write_spec(tmp_path / "ddp.yaml", sweep_data, storage, uri, num_trials=2, max_concurrent=1,
+                      resources={"workers": 2, "cpus_per_worker": 0.5},
+                      search_space={"refiner.class_conditioning": {"type": "categorical", "choices": [True, False]}})
+    out = tmp_path / "ddp.json"
+    code, log = run_dcad_process(["sweep", str(spec), "--address", cluster.address, "--json", str(out)],
+                                 tmp_path / "ddp.log", timeout=420)
+    assert code == 0, log[-5000:]
+    result = json.loads(out.read_text())
+    assert [t["status"] for t in result["trials"]] == ["finished", "finished"], result["trials"]
+    assert "wrapped in DistributedDataParallel across 2 workers" in log
+    assert "shared base branch: training it once" in log
+    client = mlflow_client(uri)
+    for trial in result["trials"]:
+        assert (storage / "ddp" / "trials" / f"trial-{trial['trial_id']}").is_dir()  # its Ray Train run
+        run = client.get_run(trial["run_id"])
+        assert run.info.status == "FINISHED" and run.outputs.model_outputs
+        assert {"val_pixel_auroc", "ms_per_image", "test_pixel_auroc"} <= set(run.data.metrics)
+        assert {m.step for m in client.get_metric_history(run.info.run_id, "base_train_loss")} == {1, 2}
+        assert client.get_metric_history(run.info.run_id, "refiner_train_loss")
+        forwarded = [r for r in _results(storage / "ddp" / "tune" / f"trial_{trial['trial_id']}") if r.get("trial_done") == 0.0]
+        assert [r["stage"] for r in forwarded] == ["refiner", "final"], forwarded  # rank 0's reports, as they came
+        assert forwarded[0]["epoch"] == 3 and forwarded[0]["placement_group"]  # 2 shared base epochs + 1
 
 
 def test_trials_that_cannot_fit_fail_fast(cluster, sweep_data, tmp_path, capsys, monkeypatch):

@@ -25,7 +25,7 @@ def sweep(
     storage: Optional[str] = typer.Option(None, "--storage", help="Where the sweep lives (a directory or s3://…; default: the spec's storage)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the sweep result (trials, best trial) as JSON here."),
 ) -> None:
-    """Search a DRDC config with Ray Tune + Optuna: each trial is a Ray Train run, nested in one MLflow parent run."""
+    """Search a DRDC config with Ray Tune + Optuna: trials share the stages they agree on, each a nested MLflow run."""
     from dcad.platform.sweep import load_sweep_spec, plan_sweep, run_sweep
 
     spec = load_sweep_spec(spec_path)

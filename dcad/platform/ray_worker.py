@@ -258,6 +258,9 @@ def train_worker(config: dict[str, Any]) -> None:
         start = stages.best_start(cfg) if stages is not None else None
         if stages is not None and rank == 0:
             hooks.on_shared = lambda stage, result: stages.publish(stage, cfg, result)
+        shared = (start.weights or start.base) if start is not None else None
+        if shared is not None and not meta:  # the curves of the stages this run starts from
+            reporter.history[:0] = list(shared.history)
         model, val_metrics = train_drdc(
             cfg,
             splits,

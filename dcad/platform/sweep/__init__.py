@@ -6,10 +6,11 @@ Python API (what the pipeline calls):
     result = run_sweep(spec, resume=False, address=None, tracking_uri=None, log=print)
     result.parent_run_id, result.best_trial, result.registered_version, result.trials
 
-Modules: `spec` (the YAML spec), `search` (Optuna sampler, OptunaSearch, ASHA), `trial` (the Tune
-function trainable around a Ray Train run), `runner` (Tuner, resume), `reporting` (MLflow parent,
-best trial, Pareto front, plots, registry), `progress` (the live progress lines), `state` (the sweep
-directory). Ray is imported only when a sweep runs, so loading and validating a spec is cheap.
+Modules: `spec` (the YAML spec), `search` (the define-by-run space, Optuna sampler, ASHA), `searcher`
+(the Tune searcher on the Optuna study), `stages` (which stages the trials share; the shared base branch),
+`trial` (the Tune function trainable), `runner` (Tuner, resume, Ctrl-C), `reporting` (MLflow parent, best
+trial, Pareto front, plots, registry), `progress` (the live progress lines), `cleanup` (placement groups of
+stopped multi-worker trials), `state` (the sweep directory). Ray is imported only when a sweep runs, so loading and validating a spec is cheap.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ class SweepResult:
     wall_seconds: float = 0.0
     storage: str = ""
     study_storage: str = ""
+    stage_seconds: dict[str, list[float]] = field(default_factory=dict)  # e.g. shared_base: [start, end] (wall clock)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +93,8 @@ def error_line(err: BaseException | None) -> str:
 
 
 _SKIP = {"timestamp", "pid", "training_iteration", "time_this_iter_s", "time_total_s", "time_since_restore",
-         "iterations_since_restore", "report_time", "fit_start", "fit_end", "infer_start", "eval_start", "eval_end", DONE_KEY}
+         "iterations_since_restore", "report_time", "fit_start", "fit_end", "infer_start", "eval_start", "eval_end",
+         "train_start", "train_end", DONE_KEY}
 
 
 def _is_metric(key: str, value: Any) -> bool:

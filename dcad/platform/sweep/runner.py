@@ -45,7 +45,8 @@ class SweepPlan:
     def lines(self) -> list[str]:
         s, r = self.spec, self.spec.resources
         gpu = f", {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else ""
-        per_trial = f"{r.workers} worker(s) × ({r.cpus_per_worker:g} CPU{gpu}) + {TRIAL_CPUS:g} CPU for the trial driver"
+        per_trial = (f"{r.cpus_per_worker:g} CPU{gpu}, training in the trial itself" if r.workers == 1 else
+                     f"a Ray Train run of {r.workers} workers × ({r.cpus_per_worker:g} CPU{gpu}) + {TRIAL_CPUS:g} CPU for the trial")
         es = s.early_stopping
         stopping = (f"ASHA on {s.asha_metric[0]} ({s.asha_metric[1]}), grace {es.grace_period}, max_t {es.max_t} epochs, "
                     f"reduction {es.reduction_factor:g}") if es else "none"
@@ -188,7 +189,7 @@ def _run(plan: SweepPlan, log: Log) -> SweepResult:
         log(line)
     started = time.time()
     try:
-        _train_shared_stages(plan, digest, concurrency, log)
+        stage_seconds = _train_shared_stages(plan, digest, concurrency, log)
         trials, interrupted = _fit(plan, state, parent.run_id, uri, digest, concurrency, log)
     except KeyboardInterrupt:
         parent.finish("KILLED")
@@ -196,14 +197,19 @@ def _run(plan: SweepPlan, log: Log) -> SweepResult:
     except BaseException:
         parent.finish("FAILED")
         raise
-    return _record(plan, state, parent, trials, interrupted, uri, time.time() - started, log)
+    result = _record(plan, state, parent, trials, interrupted, uri, time.time() - started, log)
+    result.stage_seconds = stage_seconds
+    return result
 
 
-def _train_shared_stages(plan: SweepPlan, digest: str, concurrency: int, log: Log) -> None:
+def _train_shared_stages(plan: SweepPlan, digest: str, concurrency: int, log: Log) -> dict[str, list[float]]:
+    """The stages every trial shares, trained before the trials start; their wall-clock spans."""
     from dcad.platform.sweep.stages import StagePlan, train_shared_base
 
-    if StagePlan.of(plan.spec).shared_base:
-        train_shared_base(plan.spec, plan.where.root, digest, concurrency, log)
+    if not StagePlan.of(plan.spec).shared_base:
+        return {}
+    span = train_shared_base(plan.spec, plan.where.root, digest, concurrency, log)
+    return {"shared_base": span} if span else {}
 
 
 def fit_concurrency(spec: SweepSpec, where: str, log: Log) -> int:
@@ -345,7 +351,7 @@ def _new_tuner(plan: SweepPlan, trainable, state: SweepState, concurrency: int):
         num_samples=spec.num_trials,
         max_concurrent_trials=concurrency,
         time_budget_s=spec.time_budget_s,
-        reuse_actors=False,
+        reuse_actors=True,  # the next trial skips a process start and its imports (torch, timm, MLflow)
         trial_dirname_creator=trial_dirname,
     )
     run_config = tune.RunConfig(

@@ -24,7 +24,7 @@ from dcad.core.yaml_io import read_yaml_mapping
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Measured inside a trial on the test split's images; cost metrics only (never a quality metric).
 MEASURED_METRICS = ("ms_per_image", "train_seconds")
-TRIAL_CPUS = 0.01  # the Tune trial only drives a Ray Train run; 0 is refused by Ray
+TRIAL_CPUS = 0.01  # a multi-worker trial only drives its Ray Train run; 0 is refused by Ray
 
 
 class SweepSpecError(DcadError):

@@ -67,8 +67,9 @@ class StagePlan:
         return [f"stages: {base}; {refiner}; {rescore}"]
 
 
-def train_shared_base(spec: SweepSpec, sweep_root: str, digest: str, concurrency: int, log: Log) -> None:
-    """Train the one base branch (and feature cache) all trials share, unless the sweep's store has it."""
+def train_shared_base(spec: SweepSpec, sweep_root: str, digest: str, concurrency: int, log: Log) -> list[float] | None:
+    """Train the one base branch (and feature cache) all trials share, unless the sweep's store has it;
+    the training's wall-clock [start, end] (None when it was there already)."""
     import ray
 
     from dcad.platform.stage_store import StageStore
@@ -78,16 +79,16 @@ def train_shared_base(spec: SweepSpec, sweep_root: str, digest: str, concurrency
     store = StageStore(resolve_storage(sweep_root, Path(sweep_root)), digest)
     if store.has("base", cfg):
         log("shared base branch: already trained in this sweep's stages/, reusing it")
-        return
+        return None
     r = spec.resources
     cpus = concurrency * (r.workers * r.cpus_per_worker + TRIAL_CPUS)
     gpus = r.gpus_per_worker if r.gpus_per_worker else 0
     log(f"shared base branch: training it once for all trials ({cfg.train.base.epochs} epochs, {cpus:g} CPU)")
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_train_base_task)
-    ray.get(task.remote(cfg.model_dump(mode="json"), str(spec.dataset_path()), sweep_root, digest, max(1, math.ceil(cpus))))
+    return ray.get(task.remote(cfg.model_dump(mode="json"), str(spec.dataset_path()), sweep_root, digest, max(1, math.ceil(cpus))))
 
 
-def _train_base_task(cfg_data: dict, data_root: str, sweep_root: str, digest: str, threads: int) -> None:
+def _train_base_task(cfg_data: dict, data_root: str, sweep_root: str, digest: str, threads: int) -> list[float]:
     import time
 
     import torch
@@ -101,7 +102,7 @@ def _train_base_task(cfg_data: dict, data_root: str, sweep_root: str, digest: st
     torch.set_num_threads(threads)
     cfg = DCADConfig.from_dict(cfg_data, "sweep base")
     store = StageStore(resolve_storage(sweep_root, Path(sweep_root)), digest)
-    started = time.perf_counter()
+    started, wall_start = time.perf_counter(), time.time()
 
     def on_epoch(report) -> None:
         loss = report.metrics.get("train_loss", float("nan"))
@@ -111,3 +112,4 @@ def _train_base_task(cfg_data: dict, data_root: str, sweep_root: str, digest: st
     splits = build_splits(Path(data_root), cfg.data)
     train_base(cfg, splits, device=resolve_device("auto"), hooks=hooks, start=None)
     print(f"dcad: shared base branch: trained in {time.perf_counter() - started:.0f} s", flush=True)
+    return [wall_start, time.time()]

@@ -3,8 +3,10 @@
     STORAGE/NAME/sweep_state.json   parent run id, study storage URL, spec digest, when it started
     STORAGE/NAME/spec.yaml          the spec as it was first run
     STORAGE/NAME/optuna.db          the Optuna study (local storage only; see search.study_url)
-    STORAGE/NAME/tune/              the Tune experiment (what `Tuner.restore` reads)
-    STORAGE/NAME/trials/trial-ID/   each trial's Ray Train run (checkpoints)
+    STORAGE/NAME/tune/              the Tune experiment (what `Tuner.restore` reads; one-worker trials'
+                                    checkpoints in tune/trial_ID/checkpoint_*)
+    STORAGE/NAME/stages/            training stages the trials share (`dcad.platform.stage_store`)
+    STORAGE/NAME/trials/trial-ID/   a multi-worker trial's Ray Train run (checkpoints)
 """
 
 from __future__ import annotations

@@ -65,6 +65,7 @@ class TrialOutcome:
     fit_seconds: float
     resumed_from_epoch: float = 0.0
     started_from: str = "nothing"
+    train_span: tuple[float, float] | None = None  # wall-clock start and end of `train_drdc` (one-worker trials)
 
 
 def train_run_name(trial_id: str) -> str:
@@ -162,7 +163,6 @@ def stage_store(context: TrialContext):
 
 def train_in_trial(cfg, context: TrialContext, trial_id: str, tracker, stages, start, fill: ResultFiller) -> TrialOutcome:
     """Train in this process from `start`, one `ray.tune.report` (with a checkpoint) per epoch."""
-    from dcad.core.data import build_splits
     from dcad.train.pipeline import TrainHooks, resolve_device, train_drdc
     from dcad.train.shared_stages import TrainedWeights
 
@@ -179,16 +179,31 @@ def train_in_trial(cfg, context: TrialContext, trial_id: str, tracker, stages, s
         epochs = EpochReporter(cfg, local, tracker, fill, list((meta or {}).get("history", [])))
         hooks = TrainHooks(on_epoch=epochs, on_shared=lambda stage, result: stages.publish(stage, cfg, result))
         hooks.history.extend(epochs.history)
-        splits = build_splits(Path(context.data_root), cfg.data)
-        began = time.perf_counter()
+        splits = trial_splits(context.data_root, cfg.data)
+        began, wall_start = time.perf_counter(), time.time()
         model, val_metrics = train_drdc(cfg, splits, device=resolve_device("auto"), checkpoint_dir=local,
                                         resume=meta is not None, hooks=hooks, start=start)
         history = unique_epochs(hooks.history)
         if start.weights is None:
             stages.publish("weights", cfg, TrainedWeights.of(model, history))
-        return TrialOutcome(model, val_metrics, history, time.perf_counter() - began, resumed, start.what)
+        span = (wall_start, time.time())
+        return TrialOutcome(model, val_metrics, history, time.perf_counter() - began, resumed, start.what, span)
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+_SPLITS: dict[str, Any] = {}
+
+
+def trial_splits(data_root: str, data_cfg):
+    """The dataset's splits, built once per trial process (Tune reuses it for the next trial)."""
+    from dcad.core.data import build_splits
+
+    key = json.dumps([data_root, data_cfg.model_dump(mode="json")], sort_keys=True)
+    if key not in _SPLITS:
+        _SPLITS.clear()
+        _SPLITS[key] = build_splits(Path(data_root), data_cfg)
+    return _SPLITS[key]
 
 
 def unique_epochs(history: list[dict]) -> list[dict]:
@@ -352,13 +367,12 @@ def find_trial_run(context: TrialContext, trial_id: str) -> str | None:
 
 def finish_trial(cfg, context: TrialContext, outcome, tracker) -> dict[str, Any]:
     """Time inference on validation images, evaluate once on test, log it all; the trial's last result."""
-    from dcad.core.data import build_splits
     from dcad.core.inference import evaluate, predict_batches
     from dcad.train.pipeline import resolve_device
 
     device = resolve_device("auto")
     model = outcome.model.to(device)
-    splits = build_splits(Path(context.data_root), cfg.data)
+    splits = trial_splits(context.data_root, cfg.data)
     bs = cfg.train.eval_batch_size
     infer_start = time.time()
     for _ in predict_batches(model, splits.val, bs, device):
@@ -382,6 +396,8 @@ def finish_trial(cfg, context: TrialContext, outcome, tracker) -> dict[str, Any]
     for key in context.carried:  # e.g. val_loss, which the final validation does not measure
         final.setdefault(key, _last_value(outcome.history, key))
     final["started_from"] = outcome.started_from
+    if outcome.train_span:
+        final["train_start"], final["train_end"] = outcome.train_span
     return final
 
 
