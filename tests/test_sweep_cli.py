@@ -41,7 +41,8 @@ def test_dry_run_prints_the_plan_without_starting_anything(spec_file, capsys, tm
     assert result.code == 0, result.err
     out = " ".join(result.out.split())
     assert "sweep 'clitest' (new): 3 trials, at most 2 at a time" in out
-    assert "1 worker(s) × (0.5 CPU) + 0.01 CPU for the trial driver" in out
+    assert "resources per trial: 0.5 CPU, training in the trial itself" in out
+    assert "stages: 1 base training, shared by every trial" in out
     assert "ASHA on val_pixel_auroc (max), grace 4, max_t 5 epochs" in out
     assert "refiner.guidance_scale: float [0.5, 3.0] log when {'refiner.class_conditioning': True}" in out
     assert "5 epochs per trial" in out  # the tiny profile: 3 base + 2 refiner epochs

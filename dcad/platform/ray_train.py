@@ -36,6 +36,7 @@ from dcad.platform.secrets import redact
 from dcad.platform.store import absolute_uri
 from dcad.platform.storage import StorageLocation, check_writable, read_text, resolve_storage
 
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray Train V2 next to the checkpoints
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,127}$")
 DEFAULT_STORAGE_SUBDIR = "checkpoints"
 Log = Callable[[str], None]
@@ -122,26 +123,25 @@ def plan_run(options: RayTrainOptions, output: Path) -> RayRunPlan:
 def latest_checkpoint_meta(storage: StorageLocation, name: str) -> dict[str, Any] | None:
     """Metadata of the checkpoint Ray will resume STORAGE/NAME from, or None (Ray starts afresh).
 
-    That is the latest checkpoint of the run's `ray.train.Result` (`Result.from_path`), which Ray records
-    only once a reported checkpoint is complete in storage; a directory uploaded after it (a crash between
-    upload and record) is not used by Ray, so it is not reported here either.
+    That is the latest checkpoint in Ray's checkpoint-manager snapshot, which Ray updates only once a
+    reported checkpoint is complete in storage; a directory uploaded after it (a crash between upload and
+    snapshot) is not used by Ray, so it is not reported here either.
     """
-    import ray.train
-
+    text = read_text(storage, storage.join(name, SNAPSHOT_FILE))
     try:
-        checkpoint = ray.train.Result.from_path(storage.join(name), storage_filesystem=storage.filesystem).checkpoint
-    except Exception:  # noqa: BLE001 - no run of that name yet (RuntimeError), or an unreadable one: start afresh
+        directory = json.loads(text)["latest_checkpoint_result"]["checkpoint_dir_name"] if text else None
+    except (ValueError, KeyError, TypeError):
+        directory = None
+    if not directory:
         return None
-    if checkpoint is None:
-        return None
-    meta_text = read_text(storage, f"{checkpoint.path.rstrip('/')}/{META_FILE}")
+    meta_text = read_text(storage, storage.join(name, directory, META_FILE))
     try:
         meta = json.loads(meta_text) if meta_text else None
     except ValueError:
         meta = None
     if not isinstance(meta, dict):
         return None
-    meta["checkpoint_dir"] = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    meta["checkpoint_dir"] = directory
     return meta
 
 
