@@ -55,8 +55,9 @@ def stage_offsets(cfg) -> dict[str, int]:
 
 
 def total_epochs(cfg) -> int:
-    uses_refiner = cfg.refiner.enabled and cfg.ablation.mode != "base_only"
-    return cfg.train.base.epochs + (cfg.train.refiner.epochs if uses_refiner else 0)
+    from dcad.train.shared_stages import uses_refiner
+
+    return cfg.train.base.epochs + (cfg.train.refiner.epochs if uses_refiner(cfg) else 0)
 
 
 def read_meta(directory: Path) -> dict[str, Any] | None:

@@ -340,13 +340,13 @@ def _check_early_stopping(spec: SweepSpec) -> None:
     metric = es.metric or spec.primary.metric
     if not metric.startswith("val_"):
         raise ValueError(f"invalid value for 'early_stopping.metric': ASHA needs a validation metric (val_*), not '{metric}'")
+    from dcad.train.shared_stages import trained_stages, uses_refiner
+
     cfg = spec.base_config()
     base_epochs = cfg.train.base.epochs
-    total = base_epochs + (cfg.train.refiner.epochs if cfg.refiner.enabled and cfg.ablation.mode != "base_only" else 0)
+    total = base_epochs + (cfg.train.refiner.epochs if uses_refiner(cfg) else 0)
     if es.grace_period > total:
         raise ValueError(f"invalid value for 'early_stopping.grace_period': {es.grace_period} exceeds the {total} epochs a trial trains")
-    from dcad.train.shared_stages import trained_stages
-
     if trained_stages(list(spec.search_space)) & {"features", "base"}:
         return
     # every swept key leaves the base stage alone: trials only differ once the refiner trains

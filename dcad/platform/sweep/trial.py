@@ -133,10 +133,9 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     started = time.time()
     try:
         stages = stage_store(context)
-        start = stages.best_start(cfg)
-        if start.weights is not None or context.workers == 1:
-            outcome = train_in_trial(cfg, context, trial_id, tracker, stages, start, fill)
-        else:
+        if context.workers == 1 or stages.has("weights", cfg):  # re-scoring needs no workers
+            outcome = train_in_trial(cfg, context, trial_id, tracker, stages, stages.best_start(cfg), fill)
+        else:  # the workers load the stages they start from themselves
             outcome = train_with_workers(cfg, context, trial_id, tracker, fill)
         trained = time.time()
         final = finish_trial(cfg, context, outcome, tracker)
