@@ -58,6 +58,7 @@ def busy_intervals(results: list[dict]) -> tuple[list[tuple[float, float]], dict
         info["eval_busy_s"] = d["eval_end"] - d["infer_start"]
         info["trial_fit_s"] = d["fit_end"] - d["fit_start"]
         info["trial_fixed_s"] = info["trial_fit_s"] - info.get("train_busy_s", 0.0)
+        info["timeline"] = {k: d[k] for k in ("fit_start", "train_start", "train_end", "infer_start", "eval_end", "report_time") if k in d}
     return spans, info
 
 
@@ -97,6 +98,8 @@ def main() -> None:
             trial_spans, info = busy_intervals(results)
             spans += trial_spans
             per_trial[trial_id] = info
+        for info in per_trial.values():  # seconds since the sweep started
+            info["timeline"] = {k: round(v - started, 2) for k, v in info.get("timeline", {}).items()}
         shared = result.stage_seconds.get("shared_base")
         if shared:
             spans.append(tuple(shared))
@@ -113,6 +116,7 @@ def main() -> None:
         "overhead_share": round(1 - busy / wall, 3),
         "trials_per_hour": round(finished * 3600 / wall, 1),
         "shared_base_s": round(shared[1] - shared[0], 1) if shared else None,
+        "shared_base_span": [round(t - started, 2) for t in shared] if shared else None,
         "pareto_front": len(result.pareto),
         "target": TARGET,
         "meets_target": 1 - busy / wall <= TARGET,

@@ -82,8 +82,15 @@ def _ranking(board, title: str, same: str | None, keys: list[str]) -> Table:
         metric_column(ranking, metric_header(key), style="bold" if key == board.metric else None)
     for r in board.rows:
         cells = [str(r.rank), r.run_name or r.run_id] + ([] if same else [r.status])
-        ranking.add_row(*cells, *(f"{r.metrics[k]:.3f}" if k in r.metrics else "—" for k in keys))
+        ranking.add_row(*cells, *(_cell(r.metrics, k, k == board.metric) for k in keys))
     return ranking
+
+
+def _cell(metrics: dict, key: str, ranked_by: bool) -> str:
+    """Three decimals; four for the metric the board is ranked by, so that its order is visible."""
+    if key not in metrics:
+        return "—"
+    return f"{metrics[key]:.4f}" if ranked_by else f"{metrics[key]:.3f}"
 
 
 def metric_header(key: str) -> str:

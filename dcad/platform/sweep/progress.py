@@ -75,7 +75,7 @@ class SweepProgress(Callback):
         )
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._say(trials, f"trial {trial.trial_id} started ({short_params(trial.config)})")
+        self._say(trials, f"trial {trial.trial_id} started ({short_params(trial.config)})", trial, "RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         if result.get(DONE_KEY) == 1.0:

@@ -299,6 +299,9 @@ def _fit(plan: SweepPlan, state: SweepState, parent_run_id: str, uri: str, diges
     # Tune's newer console output prints its own experiment box and paths whatever `verbose` says; with the
     # classic reporter `verbose=0` is silent, and the sweep's progress lines are the report.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Re-scoring trials end within seconds, so Tune snapshots the experiment often (that is what makes
+    # `--resume` exact) and warns about it each time; the warning is not for the user.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with InterruptWatch() as watch:
         results = tuner.fit()
     return list(results), watch.interrupted
