@@ -240,8 +240,9 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
     half_id = midway[0].name.removeprefix("trial_")
     assert before[finished_id].info.status == "FINISHED"
     study = optuna.load_study(study_name="resume", storage=state["study_storage"])
-    study_id, n_before = study._study_id, len(study.trials)
-    assert n_before == 2
+    assert optuna.get_all_study_names(storage=state["study_storage"]) == ["resume"]
+    first_started = study.trials[0].datetime_start
+    assert len(study.trials) == 2
     finished_value = [t.values for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished_value) == 1
 
@@ -271,7 +272,8 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
     assert "shared base branch: already trained" in log
     # the Optuna study continued: same study, one trial per Tune trial, all complete
     study = optuna.load_study(study_name="resume", storage=state["study_storage"])
-    assert study._study_id == study_id
+    assert optuna.get_all_study_names(storage=state["study_storage"]) == ["resume"]
+    assert study.trials[0].datetime_start == first_started
     assert len(study.trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert finished_value[0] in [t.values for t in study.trials]

@@ -92,7 +92,7 @@ def test_restored_searcher_tells_a_trial_suggested_before_it_was_saved(tmp_path,
     first.suggest("t2")
     first.on_trial_complete("t1", done(val_pixel_auroc=0.7, ms_per_image=3.0))
     first.save(str(tmp_path / "searcher-state.pkl"))
-    study_id = load(tmp_path)._study_id
+    first_started = load(tmp_path).trials[0].datetime_start
     # Ctrl-C: "t2" is never told, it stays RUNNING; the resumed sweep unpickles the searcher Tune saved
     # with the experiment (tuner.pkl, taken when it started) and restores its state from the checkpoint
     second = pickle.loads(pickle.dumps(searcher(tmp_path, metric, mode)))
@@ -103,7 +103,7 @@ def test_restored_searcher_tells_a_trial_suggested_before_it_was_saved(tmp_path,
     second.suggest("t3")
 
     study = load(tmp_path)
-    assert study._study_id == study_id
+    assert study.trials[0].datetime_start == first_started  # the same study, continued
     assert [(t.number, t.user_attrs[RAY_TRIAL_ID], t.state) for t in study.trials] == [
         (0, "t1", TrialState.COMPLETE), (1, "t2", TrialState.COMPLETE), (2, "t3", TrialState.RUNNING)]
     assert study.trials[0].values[0] == 0.7 and study.trials[1].values[0] == 0.9

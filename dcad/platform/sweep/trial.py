@@ -173,7 +173,7 @@ def train_in_trial(cfg, context: TrialContext, trial_id: str, tracker, stages, s
             log(trial_id, f"resuming from its checkpoint of epoch {meta.get('epoch')}")
         if start.weights is not None:
             log(trial_id, "re-scoring: the sweep already trained this model's weights")
-        elif start.base is not None:
+        elif start.base is not None and meta is None:
             log(trial_id, "starting from the sweep's trained base branch")
         epochs = EpochReporter(cfg, local, tracker, fill, list((meta or {}).get("history", [])))
         hooks = TrainHooks(on_epoch=epochs, on_shared=lambda stage, result: stages.publish(stage, cfg, result))
