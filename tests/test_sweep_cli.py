@@ -118,7 +118,13 @@ def sweep_store(tmp_path_factory):
         client.log_metric(run.info.run_id, "val_pixel_auroc", val)
         client.log_metric(run.info.run_id, "ms_per_image", ms)
         client.log_metric(run.info.run_id, "test_pixel_auroc", 1.0 - val)
+        client.set_terminated(run.info.run_id, "FINISHED")
         ids[name] = run.info.run_id
+    # a trial whose process died (SIGKILL, OOM) after logging the best values: never on the front
+    died = client.create_run(exp, run_name="died", tags={"mlflow.parentRunId": parent.info.run_id, "dcad.sweep": "s1"})
+    client.log_metric(died.info.run_id, "val_pixel_auroc", 0.999)
+    client.log_metric(died.info.run_id, "ms_per_image", 0.1)
+    client.set_terminated(died.info.run_id, "FAILED")
     other = client.create_run(exp, run_name="outsider")  # not a child: never shown
     client.log_metric(other.info.run_id, "val_pixel_auroc", 0.99)
     client.log_metric(other.info.run_id, "ms_per_image", 0.5)
@@ -134,7 +140,9 @@ def test_leaderboard_pareto_by_sweep_name_and_parent_id(sweep_store, capsys):
         assert board["pareto"] is True and board["metric"] == "val_pixel_auroc"
         assert [r["run_name"] for r in board["runs"]] == ["accurate", "balanced", "fast"]  # best first objective first
     table = run_dcad(capsys, "leaderboard", "--parent", "s1", "--pareto", "--tracking-uri", uri)
-    assert "Pareto front" in table.out and "dominated" not in table.out
+    assert "Pareto front" in table.out and "dominated" not in table.out and "died" not in table.out
+    everything = run_dcad(capsys, "leaderboard", "--parent", "s1", "--pareto", "--unfinished", "--json", "--tracking-uri", uri)
+    assert [r["run_name"] for r in json.loads(everything.out)["runs"]] == ["died"]  # dominates every finished trial
 
 
 def test_leaderboard_parent_accepts_a_sweep_name(sweep_store, capsys):

@@ -246,6 +246,10 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
     finished_value = [t.values for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished_value) == 1
 
+    # a trial run that Tune never recorded before the kill (its experiment snapshot lags): nobody continues it
+    lost = client.create_run(before[finished_id].info.experiment_id, run_name="trial-lost",
+                             tags={"mlflow.parentRunId": state["parent_run_id"], "dcad.host": "gone-host", "dcad.trial_id": "lost"})
+
     out = tmp_path / "resumed.json"
     second = start_dcad([*args, "--resume", "--json", str(out)], tmp_path / "second.log")
     assert second.wait(timeout=600) == 0, second.text()[-5000:]
@@ -259,7 +263,7 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
     assert len(trials) == 3 and all(t["status"] == "finished" for t in trials.values()), trials
     # the finished trial was not run again: same MLflow run, untouched, never restarted
     after = {k.data.tags["dcad.trial_id"]: k for k in children(client, state["parent_run_id"])}
-    assert len(after) == 3 and len(children(client, state["parent_run_id"])) == 3
+    assert len(after) == 4 and len(children(client, state["parent_run_id"])) == 4  # 3 trials and the lost run
     assert after[finished_id].info.run_id == before[finished_id].info.run_id
     assert after[finished_id].info.end_time == before[finished_id].info.end_time
     assert f"trial {finished_id} started" not in log
@@ -268,6 +272,10 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
     assert f"trial {half_id}: resuming from its checkpoint of epoch" in log
     assert after[half_id].info.run_id == before[half_id].info.run_id
     assert after[half_id].data.tags.get("dcad.resumed") == "true"
+    # no trial run is left RUNNING: the one nobody continues ended FAILED, tagged as orphaned
+    assert {k.info.status for k in children(client, state["parent_run_id"])} == {"FINISHED", "FAILED"}
+    assert client.get_run(lost.info.run_id).info.status == "FAILED"
+    assert "marked FAILED" in log and lost.info.run_id in log
     # the shared base branch was trained once, by the first driver
     assert "shared base branch: already trained" in log
     # the Optuna study continued: same study, one trial per Tune trial, all complete

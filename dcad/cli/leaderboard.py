@@ -23,6 +23,7 @@ def leaderboard(
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     pareto: bool = typer.Option(False, "--pareto", help="With --parent SWEEP: only the trials on the Pareto front of its objectives."),
+    unfinished: bool = typer.Option(False, "--unfinished", help="Also rank runs that did not finish (running, failed, killed)."),
 ) -> None:
     """Rank tracked runs by a metric."""
     from dcad.platform.errors import TrackingError, store_errors
@@ -34,9 +35,9 @@ def leaderboard(
     uri, client = open_store(tracking_uri)
     with store_errors("searching runs failed"):
         if pareto:
-            board = build_pareto(client, uri, parent)
+            board = build_pareto(client, uri, parent, finished_only=not unfinished)
         else:
-            board = build_leaderboard(client, uri, experiment, parent, metric, top, ascending)
+            board = build_leaderboard(client, uri, experiment, parent, metric, top, ascending, finished_only=not unfinished)
     if json_out:
         console.print_json(json.dumps(board.to_dict(), allow_nan=True))
         return

@@ -125,6 +125,22 @@ class CommandTracking:
             self.tracker.finish(status)
 
 
+def end_orphaned_training_runs(tracking_uri: Optional[str], experiment: str, output: Path) -> None:
+    """`dcad train --resume`: runs of this model directory left RUNNING by a process that died end FAILED."""
+    from dcad.platform.store import open_store
+    from dcad.platform.tracking import end_orphaned_runs
+
+    uri, client = open_store(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return
+    model_dir = str(output.resolve()).replace("'", "\\'")
+    ended = end_orphaned_runs(client, found.experiment_id, f"tags.`dcad.model_dir` = '{model_dir}'",
+                              "its process died before it ended the run; found by dcad train --resume")
+    for run_id in ended:
+        err_console.print(f"[yellow]▸[/] MLflow run {run_id} of {output} was left RUNNING by a process that died: marked FAILED")
+
+
 def _where(tracker) -> str:
     return tracker.link or tracker.uri
 

@@ -16,6 +16,7 @@ from dcad.cli.tracking import (
     RUN_NAME_OPTION,
     TRACKING_URI_OPTION,
     CommandTracking,
+    end_orphaned_training_runs,
     tracked,
 )
 from dcad.core.config import PROFILES, ConfigError, load_config
@@ -100,6 +101,8 @@ def train(
     keep = resume or (ray_plan is not None and ray_plan.previous is not None)
     check_output_dir(output, overwrite, keep)
     dev = resolve_device(device)
+    if keep and not no_track:
+        end_orphaned_training_runs(tracking_uri, experiment, output)
     tracking = train_ray.begin_tracking(not no_track, tracking_uri, experiment, run_name, ray_plan)
     prepare_output_dir(output, overwrite, keep)
     err_console.print(

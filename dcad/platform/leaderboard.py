@@ -51,6 +51,10 @@ class Leaderboard:
         }
 
 
+def status_filter(finished_only: bool) -> list[str]:
+    return ["attributes.status = 'FINISHED'"] if finished_only else []
+
+
 def lower_is_better(metric: str) -> bool:
     return any(word in metric for word in LOWER_IS_BETTER)
 
@@ -63,14 +67,16 @@ def build_leaderboard(
     metric: str = DEFAULT_METRIC,
     top: int = 10,
     ascending: bool | None = None,
+    finished_only: bool = True,
 ) -> Leaderboard:
-    """The `top` runs of `experiment` (or the children of run `parent`) that have `metric`, best first."""
+    """The `top` runs of `experiment` (or the children of run `parent`) that have `metric`, best first;
+    only FINISHED runs unless `finished_only=False` (a run still RUNNING, or one whose process died, is no leader)."""
     if top < 1:
         raise TrackingError("--top must be at least 1")
     ascending = lower_is_better(metric) if ascending is None else ascending
     parent = resolve_parent(client, parent) if parent else None
     experiment_id, name = _experiment(client, experiment, parent)
-    filters = [f"metrics.`{metric}` > -1e300"]  # only runs that logged the metric
+    filters = [f"metrics.`{metric}` > -1e300", *status_filter(finished_only)]  # only runs that logged the metric
     if parent:
         filters.append(f"tags.mlflow.parentRunId = '{parent}'")
     runs = client.search_runs(
@@ -184,15 +190,18 @@ def dominated(a: dict[str, float], b: dict[str, float], objectives: list[tuple[s
     return strictly
 
 
-def build_pareto(client, uri: str, parent: str, objectives: list[tuple[str, str]] | None = None) -> Leaderboard:
-    """The children of sweep `parent` (run id or sweep name) on the Pareto front of its objectives."""
+def build_pareto(client, uri: str, parent: str, objectives: list[tuple[str, str]] | None = None,
+                 finished_only: bool = True) -> Leaderboard:
+    """The children of sweep `parent` (run id or sweep name) on the Pareto front of its objectives
+    (of its FINISHED children unless `finished_only=False`)."""
     parent = resolve_parent(client, parent)
     objectives = objectives or sweep_objectives(client, parent)
     if not objectives:
         raise TrackingError(f"run {parent} records no sweep objectives (tag dcad.objectives); is it a sweep's parent run?")
     experiment_id, name = _experiment(client, None, parent)
     metrics = [m for m, _ in objectives]
-    filters = [f"tags.mlflow.parentRunId = '{parent}'", *[f"metrics.`{m}` > -1e300" for m in metrics]]
+    filters = [f"tags.mlflow.parentRunId = '{parent}'", *[f"metrics.`{m}` > -1e300" for m in metrics],
+               *status_filter(finished_only)]
     runs = client.search_runs([experiment_id], filter_string=" and ".join(filters), max_results=1000)
     values = [{m: r.data.metrics[m] for m in metrics} for r in runs]
     front = [r for r, v in zip(runs, values) if not any(dominated(v, w, objectives) for w in values if w is not v)]

@@ -10,6 +10,7 @@ Names logged (per-category keys sanitised):
     metrics       `{stage}_{metric}` per epoch (step = epoch), `val_*` (final validation),
                   `test_{metric}` (mean over categories), `test_{metric}/{category}`
     tags          dcad.version, dcad.kind, dcad.profile, dcad.dataset_digest, dcad.model_dir,
+                  dcad.host and dcad.pid (the process that writes the run: `end_orphaned_runs` reads them),
                   mlflow.source.git.commit (when the code is a git checkout)
     inputs        the dataset (MLflow dataset input, context train / evaluation)
     artifacts     config.yaml, report/ (metrics table, ROC/PRO plots, heatmaps), model (pyfunc)
@@ -20,7 +21,9 @@ from __future__ import annotations
 import getpass
 import json
 import math
+import os
 import re
+import socket
 import subprocess
 import time
 import warnings
@@ -68,8 +71,14 @@ def git_commit() -> str | None:
     return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
 
 
+def writer_tags() -> dict[str, str]:
+    """Which process writes a run: a run still RUNNING whose writer is gone was orphaned (SIGKILL, OOM)."""
+    return {"dcad.host": socket.gethostname(), "dcad.pid": str(os.getpid())}
+
+
 def base_tags(kind: str) -> dict[str, str]:
     tags = {
+        **writer_tags(),
         "dcad.version": __version__,
         "dcad.kind": kind,
         "mlflow.user": getpass.getuser(),
@@ -113,6 +122,10 @@ def _open_run(uri: str, client, options: TrackingOptions, kind: str, run_id: str
         run = client.get_run(run_id)
         if run.info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
+        for key, value in writer_tags().items():
+            client.set_tag(run_id, key, value)
+        if ORPHANED_TAG in run.data.tags:  # ended by a resume that found it orphaned; continued now
+            client.delete_tag(run_id, ORPHANED_TAG)
         return RunTracker(uri, client, run_id, run.info.experiment_id)
     experiment_id = get_or_create_experiment(client, options.experiment, uri)
     tags = {**base_tags(kind), **options.tags}
@@ -120,6 +133,45 @@ def _open_run(uri: str, client, options: TrackingOptions, kind: str, run_id: str
         tags["mlflow.parentRunId"] = options.parent_run_id
     run = client.create_run(experiment_id, tags=redact_mapping(tags), run_name=options.run_name)
     return RunTracker(uri, client, run.info.run_id, experiment_id)
+
+
+ORPHANED_TAG = "dcad.orphaned"
+
+
+def writer_alive(run) -> bool:
+    """Whether the process recorded in the run's writer tags still runs (only knowable on its own host)."""
+    tags = run.data.tags
+    if tags.get("dcad.host") != socket.gethostname() or not tags.get("dcad.pid", "").isdigit():
+        return False
+    pid = int(tags["dcad.pid"])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def end_orphaned_runs(client, experiment_id: str, filter_string: str, why: str) -> list[str]:
+    """End as FAILED the RUNNING runs matching `filter_string` whose writer process is gone.
+
+    Called when a command takes over what those runs were doing (`--resume`): a process killed by SIGKILL
+    or the OOM killer never ends its run, and a run left RUNNING would look alive forever. A run whose
+    writer still runs on this host is left alone; one written from another host is ended (the resume is
+    the new writer). Tagged `dcad.orphaned` with `why`. Returns the ended run ids."""
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and {filter_string}",
+                              max_results=1000)
+    ended = []
+    for run in runs:
+        if writer_alive(run):
+            continue
+        client.set_tag(run.info.run_id, ORPHANED_TAG, why)
+        client.set_terminated(run.info.run_id, "FAILED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 def _first_line(err: BaseException) -> str:

@@ -176,6 +176,18 @@ def record_outcome(tracker, result: SweepResult, spec: SweepSpec) -> None:
     tracker.log_metrics({f"best_{k}": v for k, v in best.objectives.items()})
 
 
+def end_orphaned_trials(parent, log: Log) -> None:
+    """Trial runs left RUNNING by a process that died (the driver's SIGKILL took its trials along, or the OOM
+    killer took one) end FAILED, tagged `dcad.orphaned`. Run when a sweep resumes (a trial that Tune then
+    continues reopens its run) and when it ends (by then every writer of an earlier driver is gone)."""
+    from dcad.platform.tracking import end_orphaned_runs
+
+    ended = end_orphaned_runs(parent.client, parent.experiment_id, f"tags.mlflow.parentRunId = '{parent.run_id}'",
+                              "its process died before it ended the run; found by dcad sweep")
+    if ended:
+        log(f"{len(ended)} trial run(s) whose process died while RUNNING marked FAILED: {', '.join(ended)}")
+
+
 def mark_stopped_children(client, records: list[TrialRecord]) -> None:
     """Children that ASHA stopped or an interruption left behind are ended as KILLED (not left RUNNING).
 

@@ -181,6 +181,8 @@ def _run(plan: SweepPlan, log: Log) -> SweepResult:
     cluster = connect(plan.address)
     concurrency = fit_concurrency(spec, cluster, log)  # before anything is written: a misfit leaves no state
     parent = reporting.open_parent(spec, uri, plan.state.parent_run_id if plan.state else None, log)
+    if plan.state is not None:
+        reporting.end_orphaned_trials(parent, log)
     state = plan.state or SweepState(spec.name, spec_digest(spec), plan.study_storage, parent.run_id, uri, now_utc())
     if plan.state is None:
         where.write_state(state)
@@ -375,6 +377,7 @@ def _record(plan: SweepPlan, state: SweepState, parent, trials: list, interrupte
     records = [reporting.trial_record(t, spec, interrupted) for t in trials]
     ended = sum(r.status in ("finished", "stopped", "failed") for r in records)
     reporting.mark_stopped_children(parent.client, records)
+    reporting.end_orphaned_trials(parent, log)
     result = SweepResult(spec.name, parent.run_id, reporting.best_trial(records, spec), None, records,
                          interrupted=interrupted, wall_seconds=wall, storage=plan.where.describe(),
                          study_storage=state.study_storage)
