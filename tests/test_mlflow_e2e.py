@@ -188,6 +188,7 @@ def test_promotion_through_the_gate_with_real_evaluations(trained, tmp_path, cap
 def test_losing_the_server_during_training_keeps_the_model_and_says_how_to_log_it(tmp_path, trained, capsys, monkeypatch):
     from dcad.platform import tracking
 
+    monkeypatch.setenv("DCAD_TRACKING_WAIT_S", "3")  # the server does not come back while this command runs
     port = free_port()
     with mlflow_server(tmp_path / "server", port=port) as server:
         original = tracking.RunTracker.log_epoch

@@ -1,9 +1,11 @@
 """MLflow run tracking for `dcad train`, `dcad eval --log` and `dcad log`.
 
 A `RunTracker` owns one MLflow run. `start_run` checks the store first (a dead server fails
-before any training). After that every write is best effort: if the server goes away, the tracker
-records why, stops writing, and the caller finishes its work locally and raises `TrackingLostError`
-with the `dcad log` command that uploads what is missing (see `log_model_dir`).
+before any training). After that, training never waits for the store: if the server goes away, writes
+are kept in order and replayed when it is back (`tracking_buffer.WriteBuffer`), and `finish` waits for
+them (`DCAD_TRACKING_WAIT_S`). If the store does not come back, or refuses a write, the caller finishes
+its work locally and raises `TrackingLostError` with the `dcad log` command that uploads what is
+missing (see `log_model_dir`, which skips what the run already has).
 
 Names logged (per-category keys sanitised):
     params        the flattened config (`base.hidden_dim`, ...)
@@ -34,7 +36,7 @@ from typing import Any, Callable
 from dcad import __version__
 from dcad.core.model.model_dir import CONFIG_FILE, read_metadata
 from dcad.platform.errors import TrackingError, TrackingLostError, describe
-from dcad.platform.secrets import redact_mapping
+from dcad.platform.secrets import redact, redact_mapping
 from dcad.platform.store import DEFAULT_EXPERIMENT, get_or_create_experiment, open_store, run_link, use_store
 
 REPORT_DIR = "report"
@@ -92,6 +94,8 @@ def base_tags(kind: str) -> dict[str, str]:
     return tags
 
 
+WAIT_ENV = "DCAD_TRACKING_WAIT_S"  # how long a command's end waits for a store that went away
+DEFAULT_WAIT_S = 300.0
 SQLITE_ATTEMPTS = 3  # concurrent processes on one sqlite store can meet a lock or a migration race
 
 
@@ -179,21 +183,33 @@ def _first_line(err: BaseException) -> str:
 
 
 class RunTracker:
-    """One MLflow run; writes are best effort once started (see `lost`)."""
+    """One MLflow run. Writes go through a `WriteBuffer`: replayed if the store goes away for a while;
+    `lost` says why tracking ended (the store refused a write, or did not come back before `finish`)."""
 
     def __init__(self, uri: str, client, run_id: str, experiment_id: str) -> None:
+        from dcad.platform.tracking_buffer import WriteBuffer
+
         self.uri, self.client, self.run_id, self.experiment_id = uri, client, run_id, experiment_id
-        self.lost: str | None = None  # why the store stopped answering, once it did
+        self.writes = WriteBuffer(redact(uri))
+        self.gave_up: str | None = None  # set by `finish` when kept writes never reached the store
         self.model_uri: str | None = None
 
+    @property
+    def lost(self) -> str | None:
+        """Why the run is incomplete in the store, or None."""
+        return self.writes.broken or self.gave_up
+
     # ---- plumbing -------------------------------------------------------------------------------
-    def _safe(self, what: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
-        if self.lost is not None:
+    def _write(self, what: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        return self.writes.submit(what, lambda: fn(*args, **kwargs))
+
+    def _read(self, what: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """A read for the caller's decision; None while writes are kept (the store is away) or on failure."""
+        if self.writes.pending or self.lost is not None:
             return None
         try:
             return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any failure of the store ends tracking, never the run
-            self.lost = f"{what}: {_first_line(err)}"
+        except Exception:  # noqa: BLE001 - a failed read only skips an optimisation; writes tell the state
             return None
 
     @property
@@ -202,23 +218,24 @@ class RunTracker:
 
     # ---- what is logged -------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
+        """Params the run does not have yet (read when the write runs: a replay logs only what is missing)."""
+        clean = redact_mapping(params)
+        self.writes.submit("log params", lambda: self._log_new_params(clean))
+
+    def _log_new_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        existing = self._safe("read params", lambda: self.client.get_run(self.run_id).data.params) or {}
-        items = [
-            Param(metric_key(k), _param_value(v))
-            for k, v in redact_mapping(params).items()
-            if metric_key(k) not in existing
-        ]
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(metric_key(k), _param_value(v)) for k, v in params.items() if metric_key(k) not in existing]
         for chunk in _chunks(items, BATCH_LIMIT):
-            self._safe("log params", self.client.log_batch, self.run_id, params=chunk)
+            self.client.log_batch(self.run_id, params=chunk)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in redact_mapping(tags).items() if v is not None]
         for chunk in _chunks(items, BATCH_LIMIT):
-            self._safe("set tags", self.client.log_batch, self.run_id, tags=chunk)
+            self._write("set tags", self.client.log_batch, self.run_id, tags=chunk)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -226,28 +243,35 @@ class RunTracker:
         now = int(time.time() * 1000)
         items = [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if _is_number(v)]
         for chunk in _chunks(items, BATCH_LIMIT):
-            self._safe("log metrics", self.client.log_batch, self.run_id, metrics=chunk)
+            self._write("log metrics", self.client.log_batch, self.run_id, metrics=chunk)
 
     def log_epoch(self, report) -> None:
         """Per-epoch training and validation metrics of a stage (an `EpochReport`)."""
         self.log_metrics({f"{report.stage}_{k}": v for k, v in report.metrics.items()}, step=report.epoch)
 
     def log_history(self, history: list[dict]) -> None:
-        """Per-epoch metrics from `history.json`, skipping (key, step) pairs the run already has."""
+        """Per-epoch metrics from `history.json`, skipping (key, step) pairs the run already has (read when
+        the write runs)."""
+        self.writes.submit("log history", lambda: self._log_new_history(history))
+
+    def _log_new_history(self, history: list[dict]) -> None:
+        from mlflow.entities import Metric
+
         have = self._logged_steps()
+        now = int(time.time() * 1000)
+        items = []
         for entry in history:
             stage, epoch = entry.get("stage"), int(entry.get("epoch", 0))
-            metrics = {f"{stage}_{k}": v for k, v in entry.items() if k not in ("stage", "epoch")}
-            fresh = {k: v for k, v in metrics.items() if epoch not in have.get(metric_key(k), set())}
-            self.log_metrics(fresh, step=epoch)
+            for k, v in entry.items():
+                key = metric_key(f"{stage}_{k}")
+                if k not in ("stage", "epoch") and _is_number(v) and epoch not in have.get(key, set()):
+                    items.append(Metric(key, float(v), now, epoch))
+        for chunk in _chunks(items, BATCH_LIMIT):
+            self.client.log_batch(self.run_id, metrics=chunk)
 
     def _logged_steps(self) -> dict[str, set[int]]:
-        run = self._safe("read run", self.client.get_run, self.run_id)
-        steps: dict[str, set[int]] = {}
-        for key in run.data.metrics if run else {}:
-            history = self._safe("read metric history", self.client.get_metric_history, self.run_id, key) or []
-            steps[key] = {m.step for m in history}
-        return steps
+        run = self.client.get_run(self.run_id)
+        return {key: {m.step for m in self.client.get_metric_history(self.run_id, key)} for key in run.data.metrics}
 
     def log_evaluation(self, result: dict, prefix: str = "test") -> None:
         """`{prefix}_{metric}` (mean over categories) and `{prefix}_{metric}/{category}`."""
@@ -259,7 +283,7 @@ class RunTracker:
     def log_dataset(self, root: str | Path, digest: str, context: str, name: str | None = None) -> None:
         """The dataset as an MLflow dataset input (source = its path) and its digest as a tag."""
         self.set_tags({"dcad.dataset_digest": digest, "dcad.dataset_root": str(root)})
-        self._safe("log dataset", self._log_dataset, str(root), digest, context, name)
+        self._write("log dataset", self._log_dataset, str(root), digest, context, name)
 
     def _log_dataset(self, root: str, digest: str, context: str, name: str | None) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -275,19 +299,33 @@ class RunTracker:
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         if local_dir.is_dir() and any(local_dir.iterdir()):
-            self._safe("upload artifacts", self.client.log_artifacts, self.run_id, str(local_dir), artifact_path)
+            upload = lambda d: self.client.log_artifacts(self.run_id, str(d), artifact_path)  # noqa: E731
+            self.writes.submit("upload artifacts", upload, source=local_dir)
 
     def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
         if local_file.is_file():
-            self._safe("upload artifact", self.client.log_artifact, self.run_id, str(local_file), artifact_path)
+            upload = lambda f: self.client.log_artifact(self.run_id, str(f), artifact_path)  # noqa: E731
+            self.writes.submit("upload artifact", upload, source=local_file)
 
     def log_model(self, model_dir: Path) -> str | None:
-        """Log the model directory as the run's pyfunc model; returns its `models:/<id>` URI."""
-        info = self._safe("log model", self._log_model, model_dir)
-        if info is not None:
-            self.model_uri = info.model_uri
-            self.set_tags({"dcad.model_uri": info.model_uri})
+        """Log the model directory as the run's pyfunc model; returns its `models:/<id>` URI (None while the
+        store is away: the write is kept, and sets `model_uri` when it is replayed)."""
+        self.writes.submit("log model", self._log_model_once, source=model_dir)
         return self.model_uri
+
+    def _log_model_once(self, model_dir: Path) -> None:
+        """One ready model per run: a model this run already finished is kept, one an interrupted attempt left
+        unfinished is deleted before logging again."""
+        from mlflow.entities import LoggedModelStatus
+
+        models = self.client.search_logged_models([self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'")
+        ready = [m for m in models if m.status == LoggedModelStatus.READY]
+        for m in models:
+            if m.status != LoggedModelStatus.READY:
+                self.client.delete_logged_model(m.model_id)
+        uri = f"models:/{ready[0].model_id}" if ready else self._log_model(model_dir).model_uri
+        self.model_uri = uri
+        self.client.set_tag(self.run_id, "dcad.model_uri", uri)
 
     def _log_model(self, model_dir: Path):
         import mlflow
@@ -304,11 +342,16 @@ class RunTracker:
         return info
 
     def logged_model_ids(self) -> list[str]:
-        run = self._safe("read run", self.client.get_run, self.run_id)
+        run = self._read("read run", self.client.get_run, self.run_id)
         return [o.model_id for o in run.outputs.model_outputs] if run and run.outputs else []
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self._safe("end run", self.client.set_terminated, self.run_id, status)
+    def finish(self, status: str = "FINISHED", wait_s: float | None = None) -> None:
+        """End the run once every kept write reached the store, waiting up to `wait_s` (default
+        `DCAD_TRACKING_WAIT_S`, 300 s) for a store that went away; then `lost` says if it did not come back."""
+        self._write("end run", self.client.set_terminated, self.run_id, status)
+        wait_s = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S)) if wait_s is None else wait_s
+        if not self.writes.drain(wait_s) and self.writes.broken is None:
+            self.gave_up = f"{self.writes.pending} write(s) kept since {self.writes.reason}"
 
     def lost_error(self, model_dir: Path | None, command: str | None = None) -> TrackingLostError:
         where = f"the model directory {model_dir} is complete" if model_dir else "the results are on disk"
