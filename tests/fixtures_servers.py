@@ -181,3 +181,85 @@ def direct_server(tmp_path_factory, moto_endpoint) -> Iterator[ServerProcess]:
         default_artifact_root=f"s3://{BUCKET}/direct",
     ) as server:
         yield server
+
+
+# ---- an endpoint that goes away: a loopback TCP proxy that can stop listening ------------------------
+class OutageProxy:
+    """127.0.0.1:PORT forwarded to `target` (host, port); `down()` closes the listener and every open
+    connection (clients see connection refused), `up()` listens again on the same port."""
+
+    def __init__(self, target_url: str) -> None:
+        from urllib.parse import urlparse
+
+        parsed = urlparse(target_url)
+        self.target = (parsed.hostname, parsed.port)
+        self.cut_after: int | None = None  # bytes sent upstream after which the proxy goes down by itself
+        self.sent = 0
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = __import__("threading").Lock()
+
+    def up(self) -> "OutageProxy":
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((HOST, self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            listener.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by down()
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b, counted in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, counted), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                if counted:
+                    self.sent += len(data)
+                    if self.cut_after is not None and self.sent >= self.cut_after:
+                        self.cut_after = None
+                        self.down()  # mid-request: the upload in flight loses its connection
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

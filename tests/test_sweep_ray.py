@@ -335,3 +335,56 @@ def test_trials_that_cannot_fit_fail_fast(cluster, sweep_data, tmp_path, capsys,
     assert "2 worker(s) × (2 CPU) = 4 CPU do not fit" in result.err and "it has 2 CPU" in result.err
     assert time.monotonic() - started < 60
     assert not (tmp_path / "sweeps" / "big" / "sweep_state.json").exists()  # nothing to resume: it never started
+
+
+def test_sweep_goes_on_while_the_tracking_server_is_down(cluster, sweep_data, tmp_path):
+    """A real `mlflow server` killed (SIGKILL) under a running trial, started again on the same store: the sweep
+    finishes, and every trial's run ends FINISHED with its epochs logged once."""
+    import os
+    from contextlib import ExitStack
+
+    from fixtures_servers import free_port, mlflow_server
+
+    from dcad.platform.store import mlflow_client
+
+    port = free_port()
+    with ExitStack() as stack:
+        server = stack.enter_context(mlflow_server(tmp_path / "server", port=port))
+        client = mlflow_client(server.url)
+        overrides = {**OVERRIDES, "train.base.epochs": 2, "train.refiner.epochs": 3, "train.refiner.iters_per_epoch": 25}
+        spec = write_spec(tmp_path / "outage.yaml", sweep_data, tmp_path / "sweeps", server.url, num_trials=3,
+                          max_concurrent=1, base={"profile": "tiny", "overrides": overrides})
+        out = tmp_path / "outage.json"
+        sweep = start_dcad(["sweep", str(spec), "--address", cluster.address, "--json", str(out)], tmp_path / "outage.log",
+                           env={"DCAD_TRACKING_WAIT_S": "300"})
+
+        def trial_training():
+            exp = client.get_experiment_by_name("sweeps")
+            runs = client.search_runs([exp.experiment_id], "tags.`dcad.trial_id` != ''") if exp else []
+            return any("refiner_train_loss" in r.data.metrics for r in runs)
+
+        try:
+            wait_for(trial_training, 300, "a trial's first refiner epoch in MLflow")
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=30)
+            wait_for(lambda: "unreachable" in sweep.text(), 120, "the outage to be noticed")
+            time.sleep(5)  # the trial goes on training while the server is away
+            assert sweep.proc.poll() is None, sweep.text()[-4000:]
+            stack.enter_context(mlflow_server(tmp_path / "server", port=port))
+            assert sweep.wait(timeout=600) == 0, sweep.text()[-5000:]
+        finally:
+            if sweep.proc.poll() is None:
+                sweep.kill()
+        log = " ".join(sweep.text().split())
+        assert "kept write(s) replayed" in log
+        result = json.loads(out.read_text())
+        assert [t["status"] for t in result["trials"]] == ["finished"] * 3, result["trials"]
+        assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
+        for run in children(client, result["parent_run_id"]):
+            assert run.info.status == "FINISHED", run.info
+            assert {"val_pixel_auroc", "ms_per_image", "test_pixel_auroc"} <= set(run.data.metrics)
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "base_train_loss")]
+            assert steps == [1, 2], steps  # the shared base's epochs, once each
+            refiner = [m.step for m in client.get_metric_history(run.info.run_id, "refiner_train_loss")]
+            assert refiner == [1, 2, 3], refiner  # its refiner epochs (or those of the weights it re-scores), once each
+            assert run.outputs.model_outputs

@@ -41,8 +41,9 @@ class StorageLocation:
 
     root: str  # /abs/dir or s3://bucket/prefix
     path: str  # Ray's storage_path: an absolute local path, or bucket/prefix for S3
-    filesystem: Any = None  # pyarrow.fs.FileSystem for S3, None for local paths
+    filesystem: Any = None  # pyarrow.fs.FileSystem for S3 (retrying an endpoint that is away), None for local paths
     endpoint: str | None = None
+    probe_filesystem: Any = None  # the same S3 store with one retry: the start-up check fails fast
 
     @property
     def is_s3(self) -> bool:
@@ -102,7 +103,8 @@ def _s3(uri: str) -> StorageLocation:
     region = query.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
     fs = s3_filesystem(endpoint, region)
     path = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
-    return StorageLocation(root=shown.rstrip("/"), path=path, filesystem=fs, endpoint=endpoint)
+    return StorageLocation(root=shown.rstrip("/"), path=path, filesystem=fs, endpoint=endpoint,
+                           probe_filesystem=s3_filesystem(endpoint, region, attempts=2))
 
 
 def _endpoint_from_env() -> str | None:
@@ -113,14 +115,18 @@ def _endpoint_from_env() -> str | None:
     return None
 
 
-def s3_filesystem(endpoint: str | None, region: str = DEFAULT_REGION):
-    """A pyarrow S3FileSystem for `endpoint` (None: AWS) with the environment's credentials."""
+def s3_filesystem(endpoint: str | None, region: str = DEFAULT_REGION, attempts: int | None = None):
+    """A pyarrow S3FileSystem for `endpoint` (None: AWS) with the environment's credentials, retrying
+    with AWS's standard strategy (`attempts`, default `s3.max_attempts()`)."""
     import pyarrow.fs
+
+    from dcad.platform.s3 import max_attempts
 
     kwargs: dict[str, Any] = {
         "region": region,
         "connect_timeout": S3_CONNECT_TIMEOUT_S,
         "request_timeout": S3_REQUEST_TIMEOUT_S,
+        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=attempts or max_attempts()),
     }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -136,7 +142,7 @@ def s3_filesystem(endpoint: str | None, region: str = DEFAULT_REGION):
 
 def check_writable(location: StorageLocation) -> None:
     """Create the root if needed and write then delete a probe file; StorageError naming the path if not."""
-    fs = location.arrow_fs()
+    fs = location.probe_filesystem or location.arrow_fs()
     probe = location.join(f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
     try:
         if not location.is_s3:

@@ -32,7 +32,8 @@ _UNREACHABLE = (
     "connection refused", "connection reset", "connection aborted", "max retries exceeded", "remotedisconnected",
     "timed out", "timeout", "temporarily unavailable", "bad gateway", "service unavailable", "gateway timeout",
     "status code 500", "status code 502", "status code 503", "status code 504", "database is locked",
-    "newconnectionerror", "failed to establish a new connection", "name or service not known",
+    "newconnectionerror", "failed to establish a new connection", "name or service not known", "is unreachable",
+    "is unhealthy", "could not connect to the endpoint",
 )
 
 
@@ -160,3 +161,21 @@ class WriteBuffer:
         if self._spool is not None and not self._queue:
             shutil.rmtree(self._spool, ignore_errors=True)
             self._spool = None
+
+
+def call_when_reachable(fn: Callable[[], Any], what: str, wait_s: float,
+                        notify: Callable[[str], None] | None = None) -> Any:
+    """`fn()`, retried with backoff for up to `wait_s` seconds while the store is unreachable (a sweep trial
+    that starts while the tracking server restarts waits for it instead of failing)."""
+    deadline, attempt = time.monotonic() + wait_s, 0
+    while True:
+        try:
+            return fn()
+        except Exception as err:
+            if not unreachable(err) or time.monotonic() >= deadline:
+                raise
+            if attempt == 0:
+                (notify or (lambda line: print(f"dcad: {line}", file=sys.stderr, flush=True)))(
+                    f"{what}: the tracking store is unreachable ({describe(err)}); waiting up to {wait_s:.0f} s")
+            time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+            attempt += 1

@@ -371,13 +371,20 @@ def _new_tuner(plan: SweepPlan, trainable, state: SweepState, concurrency: int):
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
+def when_reachable(fn, what: str):
+    from dcad.platform.tracking import store_wait_s
+    from dcad.platform.tracking_buffer import call_when_reachable
+
+    return call_when_reachable(fn, what, store_wait_s())
+
+
 def _record(plan: SweepPlan, state: SweepState, parent, trials: list, interrupted: bool, uri: str, wall: float,
             log: Log) -> SweepResult:
     spec = plan.spec
     records = [reporting.trial_record(t, spec, interrupted) for t in trials]
     ended = sum(r.status in ("finished", "stopped", "failed") for r in records)
     reporting.mark_stopped_children(parent.client, records)
-    reporting.end_orphaned_trials(parent, log)
+    when_reachable(lambda: reporting.end_orphaned_trials(parent, log), "ending orphaned trial runs")
     result = SweepResult(spec.name, parent.run_id, reporting.best_trial(records, spec), None, records,
                          interrupted=interrupted, wall_seconds=wall, storage=plan.where.describe(),
                          study_storage=state.study_storage)
@@ -398,7 +405,9 @@ def _record(plan: SweepPlan, state: SweepState, parent, trials: list, interrupte
                 f"{spec.register_floor:g}); train longer or widen the search")
             parent.set_tags({"dcad.registration": f"refused: {low}"})
         else:
-            result.registered_version = reporting.register_best(parent.client, spec, result.best_trial, spec.dataset_path(), uri)
+            result.registered_version = when_reachable(
+                lambda: reporting.register_best(parent.client, spec, result.best_trial, spec.dataset_path(), uri),
+                "registering the best trial")
             log(f"registered the best trial's model as {spec.register_best} version {result.registered_version} @challenger")
     parent.finish("FINISHED")
     return result
