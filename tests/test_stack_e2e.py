@@ -143,6 +143,7 @@ def test_stack_up_pipeline_down(tmp_path, capsys, monkeypatch, postgres_binaries
         pipeline_s, kind = run_pipeline(tmp_path, status["env"], capsys)
         check_postgres_backend(ports["postgres"])
         check_artifacts_in_s3(status["env"]["MLFLOW_S3_ENDPOINT_URL"])
+        sessions |= restart_keeps_everything(tmp_path, state_dir, ports, status["env"], capsys)
     finally:
         down = run_dcad(capsys, "stack", "down", "--state-dir", str(state_dir), "--purge")
     total_s = time.monotonic() - started
@@ -160,6 +161,36 @@ def test_stack_up_pipeline_down(tmp_path, capsys, monkeypatch, postgres_binaries
     outlived = [pid for pid, started in family.items() if pid in after and start_time(pid) == started]
     assert outlived == [], f"a child of a service outlived down: {[after[pid][1][:120] for pid in outlived]}"
     assert not (state_dir / "stack.json").exists()
+
+
+def restart_keeps_everything(tmp_path: Path, state_dir: Path, ports: dict[str, int], env: dict[str, str], capsys) -> set[int]:
+    """`stack down` then `stack up` on the same state directory: runs, registry and artifacts are all there, and
+    the champion loads and scores images. Returns the new services' session ids."""
+    from dcad.platform.store import mlflow_client
+
+    client = mlflow_client(env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    runs_before = {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    artifacts_before = sorted(a.path for a in client.list_artifacts(champion.run_id))
+    down = run_dcad(capsys, "stack", "down", "--state-dir", str(state_dir))
+    assert down.code == 0, down.err
+    assert "object(s) of bucket dcad-artifacts kept in" in " ".join((down.out + down.err).split())
+    up = run_dcad(capsys, "stack", "up", "--state-dir", str(state_dir), "--backend", "postgres", "--ray-cpus", "2",
+                  *(item for name, port in ports.items() for item in (f"--{name}-port", str(port))))
+    assert up.code == 0, up.err
+    assert "object(s) restored from" in " ".join((up.out + up.err).split())
+    status = json.loads(run_dcad(capsys, "stack", "status", "--state-dir", str(state_dir), "--json").out)
+    client = mlflow_client(status["env"]["MLFLOW_TRACKING_URI"])
+    assert {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])} == runs_before
+    again = client.get_model_version_by_alias(MODEL, "champion")
+    assert (again.version, again.run_id) == (champion.version, champion.run_id)
+    assert sorted(a.path for a in client.list_artifacts(champion.run_id)) == artifacts_before
+    images = tmp_path / "work" / "data" / "brick" / "test" / "good"
+    predicted = run_dcad(capsys, "predict", f"models:/{MODEL}@champion", str(images), "--out", str(tmp_path / "pred"),
+                         "--tracking-uri", status["env"]["MLFLOW_TRACKING_URI"])
+    assert predicted.code == 0, predicted.err[-2000:]
+    assert (tmp_path / "pred" / "predictions.csv").is_file()
+    return {s["pid"] for s in status["services"]}
 
 
 def check_status(status: dict, ports: dict[str, int], up_out: str) -> None:

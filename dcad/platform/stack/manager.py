@@ -9,8 +9,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal
 
+from dcad.platform.errors import describe
 from dcad.platform.secrets import redact
-from dcad.platform.stack import postgres
+from dcad.platform.stack import postgres, s3_data
 from dcad.platform.stack.errors import StackError
 from dcad.platform.stack.procs import identify, listening, matches, port_in_use, stop
 from dcad.platform.stack.services import (
@@ -87,7 +88,10 @@ def _start_all(opts: StackOptions, backend: str, binaries, state: StackState, lo
     credentials = s3_credentials()
     s3 = _ready(pending.pop("s3"), opts, state)
     create_bucket(s3.url, opts.bucket, credentials)
-    log(f"s3        pid {s3.pid}  {s3.url}  (bucket {opts.bucket})")
+    s3.details["bucket"] = opts.bucket
+    restored = s3_data.restore_bucket(s3.url, opts.bucket, credentials, opts.state_dir)
+    kept = f", {restored} object(s) restored from {s3_data.data_dir(opts.state_dir, opts.bucket)}" if restored else ""
+    log(f"s3        pid {s3.pid}  {s3.url}  (bucket {opts.bucket}{kept})")
     backend_uri = _backend_uri(opts, backend)
     artifacts = f"s3://{opts.bucket}/mlflow"
     server = launch(mlflow_launch(opts.state_dir, host, opts.mlflow_port, backend_uri, artifacts, s3.url, credentials), opts.timeout_s)
@@ -196,15 +200,43 @@ def down(state_dir: Path, purge: bool = False, log: Log = print) -> list[tuple[s
     """Stop exactly the recorded processes (each verified by pid, start time and command line), newest first."""
     state = StackState.load(state_dir)
     if state is None:
+        if purge:  # a stopped stack: its kept data still goes
+            _purge_stopped(state_dir)
         return []
     report = []
     for service in reversed(state.services):
+        if service.name == "s3" and not purge and matches(service.process):
+            _save_s3(service, state_dir, log)  # after MLflow and Ray stopped: nothing writes any more
         outcome = stop(service.process, STOP_SIGNALS.get(service.name, 15))
         report.append((service.name, service.pid, outcome))
         log(f"{service.name:<9} pid {service.pid}: {outcome}")
         _cleanup(service.details, purge)
+    if purge:
+        s3_data.purge(state_dir)
     state.remove()
     return report
+
+
+def _purge_stopped(state_dir: Path) -> None:
+    s3_data.purge(state_dir)
+    try:
+        data_dir = postgres.data_dir_for(state_dir, postgres.run_as_user())
+    except StackError:  # root without a `postgres` user: there never was a PostgreSQL data directory
+        return
+    _cleanup({"data_dir": str(data_dir)}, purge=True)
+
+
+def _save_s3(service: ServiceRecord, state_dir: Path, log: Log) -> None:
+    """The bucket's objects to disk before the in-memory endpoint stops; if that fails, it keeps running."""
+    bucket = service.details.get("bucket")
+    if not bucket:
+        return
+    try:
+        count = s3_data.save_bucket(service.url, bucket, s3_credentials(), state_dir)
+    except Exception as err:  # noqa: BLE001 - reported, and nothing is stopped that would lose data
+        raise StackError(f"s3: saving bucket {bucket} to {s3_data.data_dir(state_dir, bucket)} failed ({describe(err)}); "
+                         "the S3 endpoint is left running: run dcad stack down again") from None
+    log(f"s3        {count} object(s) of bucket {bucket} kept in {s3_data.data_dir(state_dir, bucket)}")
 
 
 def _cleanup(details: dict, purge: bool) -> None:

@@ -117,7 +117,7 @@ def postgres_launch(binaries: postgres.PostgresBinaries, state_dir: Path, host: 
 def s3_launch(state_dir: Path, host: str, port: int) -> Launch:
     url = f"http://{host}:{port}"
     return Launch("s3", [executable("moto_server"), "-H", host, "-p", str(port)], clean_env(), host, port, url,
-                  state_dir / "s3.log", lambda: _http_ok(url + "/moto-api/"), details={"kind": "moto_server (in memory)"})
+                  state_dir / "s3.log", lambda: _http_ok(url + "/moto-api/"), details={"kind": "moto_server (objects kept in STATE_DIR/s3-data across down/up)"})
 
 
 def s3_credentials() -> dict[str, str]:
