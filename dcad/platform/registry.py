@@ -86,6 +86,10 @@ def who() -> str:
 # ---- validation ------------------------------------------------------------------------------------
 def validate_name(client, name: str) -> bool:
     """True if the registered model exists; RegistryError for a name dcad would not create."""
+    from dcad.platform.registry_lock import SUFFIX
+
+    if name.endswith(SUFFIX):
+        raise RegistryError(f"invalid model name '{name}': names ending in '{SUFFIX}' are dcad's write locks")
     if registered_model(client, name) is not None:
         return True
     if not name or not NAME_RE.match(name):
@@ -199,16 +203,28 @@ def evaluation_data(run, data: Path | None) -> Path:
 
 # ---- promotion -------------------------------------------------------------------------------------
 def promote(client, request: PromotionRequest, evaluate: Evaluate) -> PromotionResult:
-    """Gate the run's model against the alias holder; register, tag, and move the alias if allowed."""
-    exists = validate_name(client, request.name)
+    """Gate the run's model against the alias holder; register, tag, and move the alias if allowed.
+
+    The candidate is evaluated first; then, holding the model's write lock (`registry_lock`), the holder
+    is read, the gate decided against it and every write made, so that concurrent promotions of one model
+    each decide against the holder of their moment and every move lands in the alias history."""
+    from dcad.platform.registry_lock import model_lock
+
+    validate_name(client, request.name)
     validate_alias(request.alias)
     run = source_run(client, request.run_id)
     model_id = run_model_id(run)
     data = evaluation_data(run, request.data)
     digest = _digest(data)
-    holder = alias_holder(client, request.name, request.alias) if exists else None
-
     candidate = evaluate(f"models:/{model_id}", data)
+    with model_lock(client, request.name):
+        return _decide_and_write(client, request, run, model_id, data, digest, candidate, evaluate)
+
+
+def _decide_and_write(client, request: PromotionRequest, run, model_id: str, data: Path, digest: str, candidate: dict,
+                      evaluate: Evaluate) -> PromotionResult:
+    exists = registered_model(client, request.name) is not None
+    holder = alias_holder(client, request.name, request.alias) if exists else None
     incumbent = None
     if holder is not None:
         incumbent = recorded_metrics(holder, digest) if request.reuse_recorded else None
@@ -347,7 +363,16 @@ def _record(client, name: str, alias: str, event: str, version: str, previous: s
 
 def rollback(client, name: str, alias: str) -> tuple[str, str]:
     """Move `alias` back to its previous holder; returns (from_version, to_version)."""
+    from dcad.platform.registry_lock import model_lock
+
     validate_alias(alias)
+    if registered_model(client, name) is None:
+        raise RegistryError(f"registered model '{name}' not found")
+    with model_lock(client, name):
+        return _roll_back(client, name, alias)
+
+
+def _roll_back(client, name: str, alias: str) -> tuple[str, str]:
     model = registered_model(client, name)
     if model is None:
         raise RegistryError(f"registered model '{name}' not found")

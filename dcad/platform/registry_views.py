@@ -11,7 +11,11 @@ from dcad.platform.registry import alias_history, alias_log, registered_model
 
 def list_models(client) -> list[dict]:
     rows = []
+    from dcad.platform.registry_lock import is_lock
+
     for model in client.search_registered_models():
+        if is_lock(model):
+            continue
         full = client.get_registered_model(model.name)  # search results lack aliases on database stores
         versions = client.search_model_versions(f"name='{model.name}'")
         rows.append(
