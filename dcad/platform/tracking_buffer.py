@@ -8,7 +8,9 @@ for it. A queued write keeps what it was given: metric timestamps are taken when
 files to upload are copied into a spool directory first (a caller's temporary directory is gone by the
 time the store is back). `drain(timeout)` is the end of a command: it waits for the queue to empty.
 
-A write that fails for another reason (a rejected value, a missing run) is not retried: the buffer records
+An S3 artifact store that does not answer is not retried here: botocore's own retry mode does that
+(`dcad.platform.s3`), and when it gives up the upload counts as refused. A write that fails for another
+reason (a rejected value, a missing run) is not retried either: the buffer records
 why in `broken` and drops every later write, and the caller ends with the `dcad log` command that uploads
 the model directory (`tracking.log_model_dir` is idempotent).
 """
@@ -33,7 +35,7 @@ _UNREACHABLE = (
     "timed out", "timeout", "temporarily unavailable", "bad gateway", "service unavailable", "gateway timeout",
     "status code 500", "status code 502", "status code 503", "status code 504", "database is locked",
     "newconnectionerror", "failed to establish a new connection", "name or service not known", "is unreachable",
-    "is unhealthy", "could not connect to the endpoint",
+    "is unhealthy",
 )
 
 

@@ -1,0 +1,87 @@
+"""A Ray worker *node* killed (SIGKILL to its `ray start`, raylet and workers) under a running 2-worker sweep
+trial, on a three-node loopback cluster: the trial resumes from its last checkpoint on the nodes left, and the
+sweep finishes with the trial's epochs logged once."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import yaml
+from fixtures_mlflow import sqlite_uri
+from ray_helpers import _signal_group, descendants, read_cmdline, start_cluster, start_dcad, wait_for
+
+pytestmark = pytest.mark.slow
+OVERRIDES = {
+    "data.categories": ["brick", "hex_nut"], "train.base.epochs": 2, "train.base.iters_per_epoch": 8,
+    "train.refiner.epochs": 3, "train.refiner.iters_per_epoch": 20, "train.validate_refiner": False,
+    "train.val_max_images": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    cluster = start_cluster([1, 1, 1])  # a trial (0.01 CPU) and 2 workers of 0.5 CPU never fit on one node
+    yield cluster
+    cluster.stop()
+
+
+def _committed_epoch(trial_dirs) -> int:
+    for directory in trial_dirs():
+        snapshot = directory / "checkpoint_manager_snapshot.json"
+        if snapshot.is_file():
+            try:
+                name = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+                meta = json.loads((directory / name / "dcad_checkpoint.json").read_text())
+                return int(meta.get("epoch", 0))
+            except (ValueError, KeyError, TypeError, OSError):
+                return 0
+    return 0
+
+
+def _hosts_the_trial(cluster, index: int) -> bool:
+    """Whether the node runs the Tune trial (its function actor) or the report queue: killing those is a
+    different fault (the trial itself lost), not a worker node lost under a running trial."""
+    names = [" ".join(read_cmdline(p) or ()) for p in descendants(cluster.nodes[index].proc.pid)]
+    return any("ImplicitFunc" in n or "QueueActor" in n for n in names)
+
+
+def test_a_killed_worker_node_under_a_two_worker_trial(three_nodes, tmp_path):
+    from dcad.core.data import synthesize
+    from dcad.platform.store import mlflow_client
+
+    data = tmp_path / "data"
+    synthesize(data, seed=0, size=64, categories=["brick", "hex_nut"], n_train=12, n_test=8)
+    uri, storage = sqlite_uri(tmp_path / "store"), tmp_path / "sweeps"
+    spec = tmp_path / "node.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "node", "base": {"profile": "tiny", "overrides": OVERRIDES}, "dataset": str(data),
+        "search_space": {"refiner.class_conditioning": {"type": "categorical", "choices": [True, False]}},
+        "objective": [{"metric": "val_pixel_auroc", "mode": "max"}], "num_trials": 1, "max_concurrent": 1,
+        "resources": {"workers": 2, "cpus_per_worker": 0.5}, "storage": str(storage), "tracking_uri": uri,
+        "experiment": "node-fault",
+    }, sort_keys=False))
+    out = tmp_path / "node.json"
+    sweep = start_dcad(["sweep", str(spec), "--address", three_nodes.address, "--json", str(out)], tmp_path / "node.log")
+    trial_dirs = lambda: sorted((storage / "node" / "trials").glob("trial-*"))  # noqa: E731
+    try:
+        wait_for(lambda: _committed_epoch(trial_dirs) >= 3 or sweep.proc.poll() is not None, 400, "a refiner checkpoint")
+        assert sweep.proc.poll() is None, sweep.text()[-4000:]
+        victim = next((i for i in (1, 2) if three_nodes.train_worker_pids(node_index=i) and not _hosts_the_trial(three_nodes, i)), None)
+        assert victim is not None, "no non-head node runs training workers without the trial itself"
+        killed_at = _committed_epoch(trial_dirs)
+        _signal_group(three_nodes.nodes[victim].proc.pid, signal.SIGKILL)
+        assert sweep.wait(timeout=600) == 0, sweep.text()[-5000:]
+    finally:
+        if sweep.proc.poll() is None:
+            sweep.kill()
+    log = " ".join(sweep.text().split())
+    result = json.loads(out.read_text())
+    assert [t["status"] for t in result["trials"]] == ["finished"], result["trials"]
+    assert f"resuming from the checkpoint of epoch {killed_at}/" in log or "resuming from the checkpoint of epoch" in log, log[-4000:]
+    client = mlflow_client(uri)
+    run = client.get_run(result["trials"][0]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "refiner_train_loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "base_train_loss")] == [1, 2]
