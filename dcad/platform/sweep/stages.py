@@ -81,11 +81,21 @@ def train_shared_base(spec: SweepSpec, sweep_root: str, digest: str, concurrency
         log("shared base branch: already trained in this sweep's stages/, reusing it")
         return None
     r = spec.resources
-    cpus = concurrency * (r.workers * r.cpus_per_worker + TRIAL_CPUS)
+    cpus = base_task_cpus(concurrency * (r.workers * r.cpus_per_worker + TRIAL_CPUS), r.gpus_per_worker or 0)
     gpus = r.gpus_per_worker if r.gpus_per_worker else 0
     log(f"shared base branch: training it once for all trials ({cfg.train.base.epochs} epochs, {cpus:g} CPU)")
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_train_base_task)
     return ray.get(task.remote(cfg.model_dump(mode="json"), str(spec.dataset_path()), sweep_root, digest, max(1, math.ceil(cpus))))
+
+
+def base_task_cpus(wanted: float, gpus: float) -> float:
+    """The trials' CPUs for the one task that trains the shared base, but no more than one node has: a task
+    runs on one node, and a request no node can hold would wait forever (three 1-CPU nodes, 1.01 wanted)."""
+    from dcad.platform.ray_cluster import cluster_nodes
+
+    nodes = [n for n in cluster_nodes() if n.gpus + 1e-9 >= gpus]
+    largest = max((n.cpus for n in nodes), default=wanted)
+    return min(wanted, largest) if largest > 0 else wanted
 
 
 def _train_base_task(cfg_data: dict, data_root: str, sweep_root: str, digest: str, threads: int) -> list[float]:
