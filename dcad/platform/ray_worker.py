@@ -111,9 +111,15 @@ class _Reporter:
         if not self.chief:
             ray.train.report(metrics, checkpoint=None)
             return
-        if self.tracker is not None:
-            self.tracker.log_epoch(report)
         self._report(metrics, self._epoch_meta(report, epoch), epoch_dir(epoch), files=self.local_dir)
+        if self.tracker is not None:  # after its checkpoint: an epoch lost with a worker is not logged twice
+            self.tracker.log_epoch(report)
+
+    def log_checkpointed_epochs(self) -> None:
+        """On resume: epochs the checkpoint holds but MLflow missed (a worker died between the two)."""
+        if self.tracker is not None:
+            self.tracker.log_history([{k: v for k, v in h.items() if k not in ("global_epoch", "epoch_seconds")}
+                                      for h in self.history])
 
     def _epoch_meta(self, report, epoch: int) -> dict[str, Any]:
         return {
@@ -252,6 +258,8 @@ def train_worker(config: dict[str, Any]) -> None:
         reporter = _Reporter(rank, cfg, local_dir, run_id, history=list((meta or {}).get("history", [])))
         if rank == 0:
             reporter.tracker = _open_tracker(spec)
+            if meta is not None:
+                reporter.log_checkpointed_epochs()
         hooks = TrainHooks(on_epoch=reporter.on_epoch, on_phase=(lambda name: log(name)) if rank == 0 and spec.phases else None)
         role = TrainRole(chief=rank == 0, wrap_module=_wrap_ddp if world > 1 else None)
         splits = build_splits(Path(spec.data_root), cfg.data)
