@@ -75,8 +75,8 @@ def test_a_killed_worker_node_under_a_two_worker_trial(three_nodes, tmp_path):
         wait_for(lambda: _committed_epoch(trial_dirs) >= 3 or sweep.proc.poll() is not None, 400, "a refiner checkpoint")
         assert sweep.proc.poll() is None, sweep.text()[-4000:]
         victim = next((i for i in (1, 2) if three_nodes.train_worker_pids(node_index=i) and not _hosts_the_trial(three_nodes, i)), None)
-        assert victim is not None, ("no non-head node runs training workers without the trial itself",
-                                    {i: _actors(three_nodes, i) for i in range(3)})
+        if victim is None:  # Ray put a worker beside the trial on every non-head node: losing it is another fault
+            pytest.skip(f"no worker node without the trial itself: {({i: _actors(three_nodes, i) for i in range(3)})}")
         killed_at = _committed_epoch(trial_dirs)
         _signal_group(three_nodes.nodes[victim].proc.pid, signal.SIGKILL)
         assert sweep.wait(timeout=600) == 0, sweep.text()[-5000:]
