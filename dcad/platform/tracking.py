@@ -94,12 +94,6 @@ def base_tags(kind: str) -> dict[str, str]:
     return tags
 
 
-WAIT_ENV = "DCAD_TRACKING_WAIT_S"  # how long a command's end waits for a store that went away
-DEFAULT_WAIT_S = 300.0
-
-
-def store_wait_s() -> float:
-    return float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S))
 SQLITE_ATTEMPTS = 3  # concurrent processes on one sqlite store can meet a lock or a migration race
 
 
@@ -353,6 +347,8 @@ class RunTracker:
         """End the run once every kept write reached the store, waiting up to `wait_s` (default
         `DCAD_TRACKING_WAIT_S`, 300 s) for a store that went away; then `lost` says if it did not come back."""
         self._write("end run", self.client.set_terminated, self.run_id, status)
+        from dcad.platform.tracking_buffer import store_wait_s
+
         wait_s = store_wait_s() if wait_s is None else wait_s
         if not self.writes.drain(wait_s) and self.writes.broken is None:
             self.gave_up = f"{self.writes.pending} write(s) kept since {self.writes.reason}"

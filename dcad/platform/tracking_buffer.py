@@ -17,6 +17,7 @@ the model directory (`tracking.log_model_dir` is idempotent).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -30,6 +31,12 @@ from typing import Any, Callable
 from dcad.platform.errors import describe
 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s
+WAIT_ENV = "DCAD_TRACKING_WAIT_S"  # how long a command's end (or a trial's start) waits for a store that went away
+DEFAULT_WAIT_S = 300.0
+
+
+def store_wait_s() -> float:
+    return float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S))
 _UNREACHABLE = (
     "connection refused", "connection reset", "connection aborted", "max retries exceeded", "remotedisconnected",
     "timed out", "timeout", "temporarily unavailable", "bad gateway", "service unavailable", "gateway timeout",
@@ -165,10 +172,11 @@ class WriteBuffer:
             self._spool = None
 
 
-def call_when_reachable(fn: Callable[[], Any], what: str, wait_s: float,
+def call_when_reachable(fn: Callable[[], Any], what: str, wait_s: float | None = None,
                         notify: Callable[[str], None] | None = None) -> Any:
-    """`fn()`, retried with backoff for up to `wait_s` seconds while the store is unreachable (a sweep trial
-    that starts while the tracking server restarts waits for it instead of failing)."""
+    """`fn()`, retried with backoff for up to `wait_s` seconds (default `store_wait_s()`) while the store is
+    unreachable (a sweep trial that starts while the tracking server restarts waits for it instead of failing)."""
+    wait_s = store_wait_s() if wait_s is None else wait_s
     deadline, attempt = time.monotonic() + wait_s, 0
     while True:
         try:

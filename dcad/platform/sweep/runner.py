@@ -24,6 +24,7 @@ from dcad.platform.sweep.reporting import SweepResult
 from dcad.platform.sweep.search import build_scheduler, build_searcher, open_study, study_url
 from dcad.platform.sweep.spec import TRIAL_CPUS, SweepSpec
 from dcad.platform.sweep.state import TUNE_DIR, SPEC_FILE, SweepDir, SweepError, SweepState, now_utc, spec_digest, sweep_dir
+from dcad.platform.tracking_buffer import call_when_reachable
 
 Log = Callable[[str], None]
 
@@ -371,20 +372,13 @@ def _new_tuner(plan: SweepPlan, trainable, state: SweepState, concurrency: int):
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
-def when_reachable(fn, what: str):
-    from dcad.platform.tracking import store_wait_s
-    from dcad.platform.tracking_buffer import call_when_reachable
-
-    return call_when_reachable(fn, what, store_wait_s())
-
-
 def _record(plan: SweepPlan, state: SweepState, parent, trials: list, interrupted: bool, uri: str, wall: float,
             log: Log) -> SweepResult:
     spec = plan.spec
     records = [reporting.trial_record(t, spec, interrupted) for t in trials]
     ended = sum(r.status in ("finished", "stopped", "failed") for r in records)
     reporting.mark_stopped_children(parent.client, records)
-    when_reachable(lambda: reporting.end_orphaned_trials(parent, log), "ending orphaned trial runs")
+    call_when_reachable(lambda: reporting.end_orphaned_trials(parent, log), "ending orphaned trial runs")
     result = SweepResult(spec.name, parent.run_id, reporting.best_trial(records, spec), None, records,
                          interrupted=interrupted, wall_seconds=wall, storage=plan.where.describe(),
                          study_storage=state.study_storage)
@@ -405,7 +399,7 @@ def _record(plan: SweepPlan, state: SweepState, parent, trials: list, interrupte
                 f"{spec.register_floor:g}); train longer or widen the search")
             parent.set_tags({"dcad.registration": f"refused: {low}"})
         else:
-            result.registered_version = when_reachable(
+            result.registered_version = call_when_reachable(
                 lambda: reporting.register_best(parent.client, spec, result.best_trial, spec.dataset_path(), uri),
                 "registering the best trial")
             log(f"registered the best trial's model as {spec.register_best} version {result.registered_version} @challenger")

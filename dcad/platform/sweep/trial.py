@@ -31,6 +31,7 @@ from typing import Any
 
 from dcad.platform.sweep.reporting import DONE_KEY
 from dcad.platform.sweep.search import decode_params
+from dcad.platform.tracking_buffer import call_when_reachable
 
 TRIALS_DIR = "trials"
 META_FILE = "dcad_checkpoint.json"
@@ -122,12 +123,12 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     params = decode_params(config)
     cfg = trial_config(context.base_cfg, params)
-    done = when_reachable(lambda: finished_earlier(context, trial_id), f"trial {trial_id}")
+    done = call_when_reachable(lambda: finished_earlier(context, trial_id), f"trial {trial_id}")
     if done is not None:  # the driver died after this trial ended, before Tune saved the experiment
         log(trial_id, "finished before the sweep was stopped: its result is read back from its MLflow run")
         ray.tune.report({**done, "epoch": float(_total_epochs(cfg))})
         return
-    tracker = when_reachable(lambda: open_trial_run(context, trial_id, train_run_name(trial_id), cfg, params), f"trial {trial_id}")
+    tracker = call_when_reachable(lambda: open_trial_run(context, trial_id, train_run_name(trial_id), cfg, params), f"trial {trial_id}")
     run_id = tracker.run_id if tracker else None
     fill = ResultFiller(context.carried, run_id)
     started = time.time()
@@ -145,14 +146,6 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         raise
     final.update(fit_start=started, fit_end=trained, resumed_from_epoch=outcome.resumed_from_epoch)
     ray.tune.report(fill({**final, DONE_KEY: 1.0}))
-
-
-def when_reachable(fn, what: str):
-    """A trial's own reads and its run's creation wait for a tracking store that is restarting."""
-    from dcad.platform.tracking import store_wait_s
-    from dcad.platform.tracking_buffer import call_when_reachable
-
-    return call_when_reachable(fn, what, store_wait_s())
 
 
 def quiet_logs() -> None:
