@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_servers import BUCKET, CHECKSUMS, S3_CREDENTIALS, s3_client
+from fixtures_servers import BUCKET, CHECKSUMS, S3_CREDENTIALS, OutageProxy, s3_client
 from fixtures_mlflow import run_dcad
 from ray_helpers import RAY_TEST_ENV, ray_dataset, run_dcad_process, start_cluster, start_dcad, wait_for  # noqa: F401
 
@@ -192,11 +192,66 @@ def test_worker_then_driver_killed_resume_from_last_checkpoint(cluster, ray_data
     assert _steps(tracking, run_id, "refiner_train_loss") == [1, 2]
 
 
+def test_s3_cut_during_a_checkpoint_upload_is_waited_out_and_the_checkpoint_resumes_whole(
+        cluster, ray_dataset, tmp_path, moto_endpoint):  # noqa: F811
+    """The S3 endpoint (a proxy in front of moto) goes down in the middle of checkpoint 2's upload and is back
+    5 s later: the upload is retried and training goes on. The driver is then killed, and the same command
+    resumes from that checkpoint (whole: every file its metadata lists, at its size)."""
+    import threading
+    import time
+
+    proxy = OutageProxy(moto_endpoint).up()
+    args = [*TINY, "--data", str(ray_dataset), "--output", str(tmp_path / "model"), "--no-track",
+            "--address", cluster.address, "--workers", "1", "--name", "cut",
+            "--storage", f"s3://{BUCKET}/ray-cut?endpoint_override={proxy.url}"]
+    env = {**S3_CREDENTIALS, **CHECKSUMS}
+    first = start_dcad(args, tmp_path / "first.log", env=env)
+    try:
+        wait_for(lambda: _committed_s3_epoch(moto_endpoint, "ray-cut/cut") >= 1 or first.proc.poll() is not None,
+                 300, "checkpoint 1")
+        proxy.cut_after = proxy.sent + 500_000  # inside checkpoint 2's base.pt (1.4 MB)
+        wait_for(lambda: proxy.cut_after is None or first.proc.poll() is not None, 300, "the cut")
+        cut_at = time.monotonic()
+        threading.Timer(5.0, proxy.up).start()
+        wait_for(lambda: _committed_s3_epoch(moto_endpoint, "ray-cut/cut") >= 2 or first.proc.poll() is not None,
+                 300, "checkpoint 2")
+        assert first.proc.poll() is None, first.text()[-4000:]
+        assert time.monotonic() - cut_at >= 5.0  # checkpoint 2 waited for the endpoint
+    finally:
+        first.kill()
+    try:
+        code, log = run_dcad_process(args, tmp_path / "second.log", RUN_TIMEOUT_S, env=env)
+    finally:
+        proxy.down()
+    assert code == 0, log[-4000:]
+    assert "incomplete" not in first.text() + log
+    assert _resumed_epoch(log, r"dcad: resuming from the checkpoint of epoch (\d+)/" + str(TOTAL_EPOCHS)) >= 2
+    assert _global_epochs(tmp_path / "model") == list(range(1, TOTAL_EPOCHS + 1))
+    client = s3_client(moto_endpoint)
+    sizes = {o["Key"]: o["Size"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="ray-cut/")
+             for o in page.get("Contents", [])}
+    for key in [k for k in sizes if k.endswith("/dcad_checkpoint.json")]:
+        listed = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())["files"]
+        directory = key.rsplit("/", 1)[0]
+        assert listed and {f"{directory}/{n}": n_bytes for n, n_bytes in listed.items()}.items() <= sizes.items(), key
+
+
 # ---- helpers -----------------------------------------------------------------------------------------
 def _s3_keys(endpoint: str, prefix: str) -> list[str]:
     from dcad.platform.s3 import list_keys
 
     return list_keys(s3_client(endpoint), BUCKET, prefix)
+
+
+def _committed_s3_epoch(endpoint: str, run_prefix: str) -> int:
+    """`_committed_epoch` for a run stored on S3."""
+    try:
+        body = s3_client(endpoint).get_object(Bucket=BUCKET, Key=f"{run_prefix}/checkpoint_manager_snapshot.json")["Body"]
+        directory = json.loads(body.read())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except Exception:  # noqa: BLE001 - not written yet
+        return 0
+    match = re.fullmatch(r"epoch_(\d+)", directory or "")
+    return int(match.group(1)) if match else TOTAL_EPOCHS
 
 
 def _client(uri: str):

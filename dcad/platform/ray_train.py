@@ -28,6 +28,7 @@ from dcad.platform.ray_worker import (
     MODEL_DIR,
     WorkerSpec,
     describe_checkpoint,
+    missing_files,
     read_meta,
     total_epochs,
     train_worker,
@@ -266,6 +267,9 @@ def _load_final(directory: Path, plan: RayRunPlan) -> RayTrainOutcome:
     meta = read_meta(directory)
     if not meta or not meta.get("final") or not (directory / MODEL_DIR).is_dir():
         raise RayTrainingError(f"{plan.where}: the last checkpoint is not a finished model ({META_FILE} says {meta})")
+    problem = missing_files(directory, meta)
+    if problem:
+        raise RayTrainingError(f"{plan.where}: the final checkpoint is incomplete ({problem}); run again with another --name")
     model = load_model(directory / MODEL_DIR)
     return RayTrainOutcome(model, dict(meta.get("val_metrics") or {}), list(meta.get("history") or []))
 

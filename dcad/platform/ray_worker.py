@@ -2,7 +2,8 @@
 
 Checkpoints (written by rank 0, one directory per report, named by the *global* epoch across both
 stages, e.g. `epoch_0003`) hold the files of `dcad.train.pipeline` (`base.pt`, `refiner.pt`) and
-`dcad_checkpoint.json` (epoch numbers, the history so far and the MLflow run id). The last report is
+`dcad_checkpoint.json` (epoch numbers, the history so far, the MLflow run id and the size of every other
+file, checked when the checkpoint is restored). The last report is
 `final/`: the model directory under `model/` plus the validation metrics. A worker given a
 checkpoint by Ray (after a failure, or a driver restart with the same run name) lays it out locally
 and lets `train_drdc(resume=True)` continue from it: a finished stage is skipped, the current one
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 META_FILE = "dcad_checkpoint.json"
+MANIFEST_KEY = "files"  # in META_FILE: {relative path: bytes} of every other file of the checkpoint
 FINAL_DIR = "final"
 MODEL_DIR = "model"
 LOG_PREFIX = "dcad:"
@@ -156,17 +158,53 @@ class _Reporter:
             self._report(metrics, meta, FINAL_DIR, files=Path(tmp))
 
     def _report(self, metrics: dict, meta: dict, name: str, files: Path) -> None:
-        """Copy `files` and the metadata into a fresh directory and report it as the checkpoint `name`."""
+        """Copy `files` and the metadata (with the size of every file) into a fresh directory and report it as
+        the checkpoint `name`, uploaded by `upload_checkpoint`."""
         import ray.train
 
         staging = Path(tempfile.mkdtemp(prefix="dcad-ckpt-"))
         try:
             shutil.copytree(files, staging, dirs_exist_ok=True)
+            meta = {**meta, MANIFEST_KEY: file_sizes(staging)}
             (staging / META_FILE).write_text(json.dumps(meta, allow_nan=True))
             checkpoint = ray.train.Checkpoint.from_directory(str(staging))
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                             checkpoint_upload_fn=upload_checkpoint)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """{relative path: bytes} of every file below `directory` but the metadata."""
+    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(Path(directory).rglob("*"))
+            if p.is_file() and p.name != META_FILE}
+
+
+def upload_checkpoint(checkpoint, dir_name: str):
+    """Ray Train's `checkpoint_upload_fn`: the checkpoint's files streamed to the run's storage, the metadata
+    last, raising if any upload fails (then Ray registers no checkpoint and the worker group restarts from
+    the previous one). Ray's default upload is `pyarrow.fs.copy_files`, which returned normally from an S3
+    upload whose connection was cut (measured: `dcad.platform.storage.upload_file`)."""
+    import ray.train
+
+    from dcad.platform.storage import upload_directory
+
+    storage = ray.train.get_context().get_storage()  # DeveloperAPI: the RunConfig's filesystem and run directory
+    destination = f"{storage.experiment_fs_path.rstrip('/')}/{dir_name}"
+    upload_directory(storage.storage_filesystem, Path(checkpoint.path), destination, last=META_FILE)
+    return ray.train.Checkpoint(destination, filesystem=storage.storage_filesystem)
+
+
+def missing_files(directory: Path, meta: dict[str, Any]) -> str | None:
+    """What is missing from a checkpoint laid out in `directory` (the first file absent or of another size
+    than its metadata lists), or None when it is whole."""
+    found = file_sizes(directory)
+    for name, size in (meta.get(MANIFEST_KEY) or {}).items():  # no list: written before checkpoints had one
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != size:
+            return f"{name} has {found[name]} bytes, expected {size}"
+    return None
 
 
 PLACEMENT_GROUP_KEY = "placement_group"
@@ -199,7 +237,15 @@ def _restore(local_dir: Path) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     checkpoint.to_directory(str(local_dir))
-    return read_meta(local_dir)
+    meta = read_meta(local_dir)
+    problem = missing_files(local_dir, meta) if meta is not None else None
+    if problem is None:
+        return meta
+    if ray.train.get_context().get_world_rank() == 0:
+        log(f"the checkpoint of {describe_checkpoint(meta)} is incomplete ({problem}): training from the start")
+    shutil.rmtree(local_dir, ignore_errors=True)
+    local_dir.mkdir()
+    return None
 
 
 def _open_tracker(spec: WorkerSpec):

@@ -16,11 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dcad.platform.storage import StorageLocation
+from dcad.platform.storage import StorageLocation, download_file, upload_file
 from dcad.train import shared_stages as ss
 
 STAGES_DIR = "stages"
-COPY_CHUNK = 8 << 20
 logger = logging.getLogger("dcad.sweep")
 _LOADERS = {"features": ss.load_features, "base": ss.load_base, "weights": ss.load_weights}
 _SAVERS = {"features": ss.save_features, "base": ss.save_base, "weights": ss.save_weights}
@@ -52,7 +51,7 @@ class StageStore:
         try:
             local = tmp / name
             if self.location.is_s3:
-                self._copy(self.path(name), local, download=True)
+                download_file(self.location.arrow_fs(), self.path(name), local)
             else:
                 local = Path(self.path(name))
             return _LOADERS[kind](local)
@@ -71,7 +70,7 @@ class StageStore:
         tmp = Path(tempfile.mkdtemp(prefix="dcad-stage-"))
         try:
             _SAVERS[kind](result, tmp / name)
-            self._copy(tmp / name, self.path(name), download=False)
+            upload_file(self.location.arrow_fs(), tmp / name, self.path(name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return name
@@ -88,15 +87,3 @@ class StageStore:
         if base is not None:
             return StageStart(base=base)
         return StageStart(features=self.fetch("features", cfg))
-
-    def _copy(self, source, destination, download: bool) -> None:
-        """One file between S3 and local disk, through pyarrow streams: a failed upload raises (its multipart
-        upload is never completed, so no object appears). `pyarrow.fs.copy_files` is not used: measured here,
-        it returned normally from an upload whose connection was cut, and no object was written."""
-        fs = self.location.arrow_fs()
-        if download:
-            with fs.open_input_stream(str(source)) as src, open(destination, "wb") as dst:
-                shutil.copyfileobj(src, dst, COPY_CHUNK)
-        else:
-            with open(source, "rb") as src, fs.open_output_stream(str(destination)) as dst:
-                shutil.copyfileobj(src, dst, COPY_CHUNK)

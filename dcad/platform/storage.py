@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ DEFAULT_REGION = "us-east-1"
 S3_CONNECT_TIMEOUT_S = 5.0
 S3_REQUEST_TIMEOUT_S = 30.0
 PROBE_PREFIX = ".dcad-write-probe-"
+COPY_CHUNK = 8 << 20
 
 
 class StorageError(PlatformError):
@@ -117,16 +119,13 @@ def _endpoint_from_env() -> str | None:
 
 def s3_filesystem(endpoint: str | None, region: str = DEFAULT_REGION, attempts: int | None = None):
     """A pyarrow S3FileSystem for `endpoint` (None: AWS) with the environment's credentials, retrying
-    with AWS's standard strategy (`attempts`, default `s3.max_attempts()`)."""
-    import pyarrow.fs
-
+    with AWS's standard strategy (`attempts`, default `s3.max_attempts()`), also where Ray unpickles it."""
     from dcad.platform.s3 import max_attempts
 
     kwargs: dict[str, Any] = {
         "region": region,
         "connect_timeout": S3_CONNECT_TIMEOUT_S,
         "request_timeout": S3_REQUEST_TIMEOUT_S,
-        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=attempts or max_attempts()),
     }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -137,7 +136,35 @@ def s3_filesystem(endpoint: str | None, region: str = DEFAULT_REGION, attempts: 
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if key and secret:  # explicit, so Ray nodes without these variables can still write
         kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN") or None)
-    return pyarrow.fs.S3FileSystem(**kwargs)
+    return _retrying_s3_class()(attempts or max_attempts(), kwargs)
+
+
+_RETRYING_S3 = None
+
+
+def _retrying_s3_class():
+    """pyarrow's S3FileSystem, keeping its retry strategy and timeouts when pickled: Ray sends the run's
+    filesystem to its controller and workers, and a plain S3FileSystem arrives there with the SDK's
+    defaults (measured: a refused connection failed after 0.5 s instead of retrying)."""
+    global _RETRYING_S3
+    if _RETRYING_S3 is None:
+        import pyarrow.fs
+
+        class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+            def __init__(self, attempts: int, options: dict[str, Any]) -> None:
+                strategy = pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=attempts)
+                super().__init__(retry_strategy=strategy, **options)
+                self.dcad_args = (attempts, options)
+
+            def __reduce__(self):
+                return _rebuild_retrying_s3, self.dcad_args
+
+        _RETRYING_S3 = RetryingS3FileSystem
+    return _RETRYING_S3
+
+
+def _rebuild_retrying_s3(attempts: int, options: dict[str, Any]):
+    return _retrying_s3_class()(attempts, options)
 
 
 def check_writable(location: StorageLocation) -> None:
@@ -175,3 +202,33 @@ def read_text(location: StorageLocation, path: str) -> str | None:
             return stream.read().decode("utf-8")
     except (OSError, ValueError, UnicodeDecodeError):
         return None
+
+
+def upload_file(fs, source: Path, destination: str) -> None:
+    """One local file to `destination` on `fs`, through a pyarrow output stream: a failed upload raises (an
+    S3 multipart upload is then never completed, so no object appears). `pyarrow.fs.copy_files` is not used:
+    measured here, it returned normally from an upload whose connection was cut, and no object was written."""
+    with open(source, "rb") as src, fs.open_output_stream(destination) as dst:
+        shutil.copyfileobj(src, dst, COPY_CHUNK)
+
+
+def download_file(fs, source: str, destination: Path) -> None:
+    with fs.open_input_stream(source) as src, open(destination, "wb") as dst:
+        shutil.copyfileobj(src, dst, COPY_CHUNK)
+
+
+def upload_directory(fs, source: Path, destination: str, last: str | None = None) -> None:
+    """Every file below `source` to the directory `destination` on `fs`, the file named `last` after all the
+    others (a reader that finds it finds the rest). Raises on the first file that fails."""
+    files = sorted(p for p in Path(source).rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.relative_to(source).as_posix() == last)
+    fs.create_dir(destination, recursive=True)
+    for path in files:
+        relative = path.relative_to(source).as_posix()
+        if "/" in relative and not is_s3_filesystem(fs):
+            fs.create_dir(f"{destination}/{relative.rsplit('/', 1)[0]}", recursive=True)
+        upload_file(fs, path, f"{destination}/{relative}")
+
+
+def is_s3_filesystem(fs) -> bool:
+    return getattr(fs, "type_name", "") == "s3"

@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dcad.platform.ray_worker import MANIFEST_KEY, META_FILE, file_sizes, missing_files, read_meta
 from dcad.platform.sweep.reporting import DONE_KEY
 from dcad.platform.sweep.search import decode_params
 from dcad.platform.tracking_buffer import call_when_reachable
 
 TRIALS_DIR = "trials"
-META_FILE = "dcad_checkpoint.json"
+logger = logging.getLogger("dcad.sweep")
 
 
 @dataclass(frozen=True)
@@ -223,10 +224,14 @@ def restore_checkpoint(local: Path) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     checkpoint.to_directory(str(local))
-    try:
-        return json.loads((local / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    meta = read_meta(local)
+    problem = missing_files(local, meta) if meta is not None else None
+    if problem is None:
+        return meta
+    logger.warning(f"the trial's checkpoint of epoch {meta.get('epoch')} is incomplete ({problem}): training from the start")
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir()
+    return None
 
 
 class EpochReporter:
@@ -249,6 +254,7 @@ class EpochReporter:
         staging = Path(tempfile.mkdtemp(prefix="dcad-ckpt-"))
         try:
             shutil.copytree(self.local, staging, dirs_exist_ok=True)
+            meta[MANIFEST_KEY] = file_sizes(staging)
             (staging / META_FILE).write_text(json.dumps(meta, allow_nan=True))
             metrics = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, **report.metrics,
                        "epoch_seconds": seconds}
