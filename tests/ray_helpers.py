@@ -129,7 +129,7 @@ class LoopbackCluster:
         args = ["--address", self.address, "--num-cpus", str(num_cpus), "--temp-dir", str(self.temp_dir / name),
                 *_node_ports(False)]
         node = self._start(args, name)
-        self.wait_for_nodes(len(self.nodes), node)
+        self.wait_for_nodes(sum(n.proc.poll() is None for n in self.nodes), node)  # killed nodes are not counted
         return node
 
     def wait_for_nodes(self, count: int, node: RayNode) -> None:

@@ -1,6 +1,7 @@
 """A Ray worker *node* killed (SIGKILL to its `ray start`, raylet and workers) under a running 2-worker sweep
 trial, on a three-node loopback cluster: the trial resumes from its last checkpoint on the nodes left, and the
-sweep finishes with the trial's epochs logged once."""
+sweep finishes with the trial's epochs logged once. And a 2-worker training whose worker nodes are all lost:
+it says it waits, and goes on from its last checkpoint once a node joins."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 import pytest
 import yaml
 from fixtures_mlflow import sqlite_uri
-from ray_helpers import _signal_group, descendants, read_cmdline, start_cluster, start_dcad, wait_for
+from ray_helpers import _signal_group, descendants, ray_dataset, read_cmdline, start_cluster, start_dcad, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
 OVERRIDES = {
@@ -93,3 +94,39 @@ def test_a_killed_worker_node_under_a_two_worker_trial(three_nodes, tmp_path):
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "refiner_train_loss")] == [1, 2, 3]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "base_train_loss")] == [1, 2]
+
+
+def test_a_training_whose_workers_no_longer_fit_waits_with_a_clear_line_until_a_node_joins(
+        three_nodes, ray_dataset, tmp_path):  # noqa: F811
+    storage = tmp_path / "ckpt"
+    args = ["train", "--profile", "tiny", "--data", str(ray_dataset), "--output", str(tmp_path / "model"), "--no-track",
+            "--set", "train.val_max_images=8", "--set", "train.validate_refiner=false",
+            "--set", "train.base.epochs=2", "--set", "train.base.iters_per_epoch=20",
+            "--set", "train.refiner.epochs=2", "--set", "train.refiner.iters_per_epoch=6",
+            "--address", three_nodes.address, "--workers", "2", "--cpus-per-worker", "0.75",
+            "--storage", str(storage), "--name", "shrink"]
+    run = start_dcad(args, tmp_path / "shrink.log")
+    try:
+        wait_for(lambda: _committed_epoch(lambda: [storage / "shrink"]) >= 1 or run.proc.poll() is not None, 300,
+                 "checkpoint 1")
+        assert run.proc.poll() is None, run.text()[-4000:]
+        others = [i for i in range(1, len(three_nodes.nodes)) if three_nodes.nodes[i].proc.poll() is None]
+        if any(_hosts_the_trial(three_nodes, i) for i in others):  # the run's controller: a different fault
+            pytest.skip(f"the TrainController is not on the head node: {({i: _actors(three_nodes, i) for i in others})}")
+        for index in others:  # only the head's 1 CPU is left: 2 workers of 0.75 CPU do not fit
+            _signal_group(three_nodes.nodes[index].proc.pid, signal.SIGKILL)
+        wait_for(lambda: "waiting: 2 worker(s)" in run.text() or run.proc.poll() is not None, 180, "the waiting line")
+        assert run.proc.poll() is None, run.text()[-4000:]
+        three_nodes.add_node(1)
+        assert run.wait(timeout=400) == 0, run.text()[-5000:]
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+    log = " ".join(run.text().split())
+    assert re.search(r"waiting: 2 worker\(s\) × \(0\.75 CPU\) = 1\.5 CPU no longer fit Ray cluster at \S+, which has "
+                     r"1 CPU and 0 GPU on 1 node\(s\)", log), log[-4000:]
+    assert "has room again (2 CPU and 0 GPU on 2 node(s)" in log
+    resumed = re.search(r"dcad: resuming from the checkpoint of epoch (\d+)/4", log)
+    assert resumed and int(resumed.group(1)) >= 1, log[-4000:]
+    history = json.loads((tmp_path / "model" / "history.json").read_text())["epochs"]
+    assert [e["global_epoch"] for e in history] == [1, 2, 3, 4]

@@ -78,3 +78,23 @@ def test_cli_option_errors(capsys, tmp_path, ray_dataset, extra, message):  # no
     result = run_dcad(capsys, *TRAIN, "--data", str(ray_dataset), "--output", str(tmp_path / "m"), "--workers", "2", *extra)
     assert result.code == 2
     assert f"error: {message}" in result.err
+
+
+def test_capacity_watch_says_once_when_workers_stop_fitting_and_once_when_they_fit_again(monkeypatch):
+    import time
+
+    import dcad.platform.ray_cluster as rc
+
+    two, one = [NodeCapacity(1, 0), NodeCapacity(1, 0)], [NodeCapacity(1, 0)]
+    states = iter([two, one, one, one, two, two])
+    monkeypatch.setattr(rc, "cluster_nodes", lambda: next(states, two))
+    lines: list[str] = []
+    with rc.CapacityWatch(2, WorkerShape(0.75), "Ray cluster at x", lines.append, interval_s=0.02):
+        time.sleep(0.4)
+    assert lines == [
+        "waiting: 2 worker(s) × (0.75 CPU) = 1.5 CPU no longer fit Ray cluster at x, which has 1 CPU and 0 GPU on "
+        "1 node(s) (1 CPU/0 GPU); Ray Train starts them again from the last checkpoint when a node joins "
+        "(Ctrl-C stops; the same command resumes)",
+        "Ray cluster at x has room again (2 CPU and 0 GPU on 2 node(s) (1 CPU/0 GPU, 1 CPU/0 GPU)): "
+        "the workers restart from the last checkpoint",
+    ]

@@ -2,7 +2,8 @@
 
 Without these checks Ray waits: an unreachable address retries for a long time, and a worker group
 larger than the cluster sits in "Attempting to start training worker group" until a timeout. Both
-become one `ClusterError` line that says what is available.
+become one `ClusterError` line that says what is available. A run whose cluster shrinks under it (a node
+lost) is told so by `CapacityWatch`, since Ray Train then waits for room without a word.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from dcad.platform.errors import PlatformError
 
 CONNECT_TIMEOUT_S = 5.0
+WATCH_INTERVAL_S = 5.0  # how often a running training checks that its workers still fit the cluster
 # Non-secret settings the workers need to find the same caches and stores as the driver (a Ray
 # cluster's nodes do not inherit the driver's environment). Credentials are never forwarded here.
 FORWARDED_ENV = (
@@ -131,22 +134,66 @@ def cluster_nodes() -> list[NodeCapacity]:
     return nodes
 
 
-def check_capacity(workers: int, shape: WorkerShape, nodes: list[NodeCapacity], where: str) -> None:
-    """ClusterError unless `workers` of `shape` fit the nodes (each worker on one node)."""
+def fits(workers: int, shape: WorkerShape, nodes: list[NodeCapacity]) -> bool:
+    """Whether `workers` of `shape` fit the nodes, each worker on one node."""
     free = sorted(([n.cpus, n.gpus] for n in nodes), reverse=True)
     for _ in range(workers):
         slot = next((f for f in free if f[0] + 1e-9 >= shape.cpus and f[1] + 1e-9 >= shape.gpus), None)
         if slot is None:
-            raise ClusterError(f"{shape.describe(workers)} do not fit {where}: it has {_inventory(nodes)}")
+            return False
         slot[0] -= shape.cpus
         slot[1] -= shape.gpus
+    return True
 
 
-def _inventory(nodes: list[NodeCapacity]) -> str:
+def check_capacity(workers: int, shape: WorkerShape, nodes: list[NodeCapacity], where: str) -> None:
+    """ClusterError unless `workers` of `shape` fit the nodes (each worker on one node)."""
+    if not fits(workers, shape, nodes):
+        raise ClusterError(f"{shape.describe(workers)} do not fit {where}: it has {inventory(nodes)}; "
+                           "lower --workers, --cpus-per-worker or --gpus-per-worker")
+
+
+def inventory(nodes: list[NodeCapacity]) -> str:
     cpus = sum(n.cpus for n in nodes)
     gpus = sum(n.gpus for n in nodes)
     per_node = ", ".join(f"{n.cpus:g} CPU/{n.gpus:g} GPU" for n in nodes)
-    return f"{cpus:g} CPU and {gpus:g} GPU on {len(nodes)} node(s) ({per_node}); lower --workers, --cpus-per-worker or --gpus-per-worker"
+    return f"{cpus:g} CPU and {gpus:g} GPU on {len(nodes)} node(s) ({per_node})"
+
+
+class CapacityWatch:
+    """While a Ray Train run goes on, says once when its workers stop fitting the cluster (a node lost: Ray
+    Train then waits for room, retrying every minute, without a word) and once when they fit again."""
+
+    def __init__(self, workers: int, shape: WorkerShape, where: str, log, interval_s: float = WATCH_INTERVAL_S) -> None:
+        self.workers, self.shape, self.where, self.log, self.interval_s = workers, shape, where, log, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="dcad-capacity-watch", daemon=True)
+
+    def __enter__(self) -> "CapacityWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + 5)
+
+    def _watch(self) -> None:
+        fitted = True
+        while not self._stop.wait(self.interval_s):
+            try:
+                nodes = cluster_nodes()
+            except Exception:  # noqa: BLE001 - the GCS is away for a moment; Ray Train reports its own failures
+                continue
+            now = fits(self.workers, self.shape, nodes)
+            if now == fitted:
+                continue
+            fitted = now
+            if not now:
+                self.log(f"waiting: {self.shape.describe(self.workers)} no longer fit {self.where}, which has "
+                         f"{inventory(nodes)}; Ray Train starts them again from the last checkpoint when a node "
+                         "joins (Ctrl-C stops; the same command resumes)")
+            else:
+                self.log(f"{self.where} has room again ({inventory(nodes)}): the workers restart from the last checkpoint")
 
 
 def _first_line(err: BaseException) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dcad.platform.errors import PlatformError
-from dcad.platform.ray_cluster import WorkerShape, check_capacity, check_reachable, cluster_nodes, connect
+from dcad.platform.ray_cluster import CapacityWatch, WorkerShape, check_capacity, check_reachable, cluster_nodes, connect
 from dcad.platform.ray_worker import (
     FINAL_DIR,
     META_FILE,
@@ -178,7 +178,8 @@ def train_on_ray(
     spec = WorkerSpec(cfg.model_dump(mode="json"), str(Path(data_root).resolve()), absolute_uri(tracking_uri), mlflow_run_id,
                       phases=worker_phases, stages_root=stages_root, dataset_digest=dataset_digest or "")
     started = time.perf_counter()
-    result = _fit(_trainer(spec, plan, callbacks), plan)
+    with CapacityWatch(opts.workers, shape, where, log):
+        result = _fit(_trainer(spec, plan, callbacks), plan)
     outcome = _outcome_from_checkpoint(result.checkpoint, plan)
     outcome.fit_seconds = time.perf_counter() - started
     outcome.resumed_from = plan.previous
