@@ -54,7 +54,7 @@ def promote(
     request = registry.PromotionRequest(name, run, alias, data, tolerance, tuple(gate_metric), force, not reevaluate, floor)
     evaluate = uri_evaluator(uri, device, on_start=lambda u: err_console.print(f"[cyan]▸[/] evaluating {u}"))
     with store_errors(f"promotion of run {run} to {name}@{alias} failed", RegistryError):
-        result = registry.promote(client, request, evaluate)
+        result = registry.promote(client, request, evaluate, log=lambda line: err_console.print(f"[cyan]▸[/] {line}"))
     _report(result, json_out)
     if not result.moved:
         raise GateRefusedError(f"refused: {result.refusal()}; version {result.version} is registered without the alias "

@@ -202,12 +202,13 @@ def evaluation_data(run, data: Path | None) -> Path:
 
 
 # ---- promotion -------------------------------------------------------------------------------------
-def promote(client, request: PromotionRequest, evaluate: Evaluate) -> PromotionResult:
+def promote(client, request: PromotionRequest, evaluate: Evaluate, log=None) -> PromotionResult:
     """Gate the run's model against the alias holder; register, tag, and move the alias if allowed.
 
     The candidate is evaluated first; then, holding the model's write lock (`registry_lock`), the holder
     is read, the gate decided against it and every write made, so that concurrent promotions of one model
-    each decide against the holder of their moment and every move lands in the alias history."""
+    each decide against the holder of their moment and every move lands in the alias history. `log` is told
+    when another writer holds the lock."""
     from dcad.platform.registry_lock import model_lock
 
     validate_name(client, request.name)
@@ -217,7 +218,7 @@ def promote(client, request: PromotionRequest, evaluate: Evaluate) -> PromotionR
     data = evaluation_data(run, request.data)
     digest = _digest(data)
     candidate = evaluate(f"models:/{model_id}", data)
-    with model_lock(client, request.name):
+    with model_lock(client, request.name, log=log):
         return _decide_and_write(client, request, run, model_id, data, digest, candidate, evaluate)
 
 

@@ -255,7 +255,7 @@ def below_register_floor(records: list[TrialRecord], best: BestTrial, spec: Swee
     return " and ".join(shown) + (" below the floor" if shown else "")
 
 
-def register_best(client, spec: SweepSpec, best: BestTrial, data: Path, tracking_uri: str) -> str:
+def register_best(client, spec: SweepSpec, best: BestTrial, data: Path, tracking_uri: str, log=None) -> str:
     """Register the best trial's model under `spec.register_best` with the `challenger` alias; its version.
 
     Goes through `registry.promote` (lineage tags, alias history) with the trial's own test evaluation
@@ -272,7 +272,7 @@ def register_best(client, spec: SweepSpec, best: BestTrial, data: Path, tracking
         return recorded if uri.startswith("models:/m-") and recorded else real(uri, root)
 
     request = PromotionRequest(spec.register_best, best.run_id, alias="challenger", data=data, force=True, floor=0.0)
-    return promote(client, request, evaluate).version
+    return promote(client, request, evaluate, log=log).version
 
 
 def recorded_evaluation(client, run_id: str) -> dict | None:

@@ -400,7 +400,7 @@ def _record(plan: SweepPlan, state: SweepState, parent, trials: list, interrupte
             parent.set_tags({"dcad.registration": f"refused: {low}"})
         else:
             result.registered_version = call_when_reachable(
-                lambda: reporting.register_best(parent.client, spec, result.best_trial, spec.dataset_path(), uri),
+                lambda: reporting.register_best(parent.client, spec, result.best_trial, spec.dataset_path(), uri, log),
                 "registering the best trial")
             log(f"registered the best trial's model as {spec.register_best} version {result.registered_version} @challenger")
     parent.finish("FINISHED")
