@@ -18,7 +18,24 @@ pytestmark = pytest.mark.slow
 
 
 def dcad(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dcad.cli.app", *args], capture_output=True, text=True)
+    """`dcad ARGS` through the real entry point (`main`: one-line errors, exit codes), in this process: a
+    subprocess spends ~10 s importing torch for each call. (`tests/test_cli_startup.py` runs real processes.)"""
+    import contextlib
+    import io
+
+    from dcad.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["dcad", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["dcad", *args], code, out.getvalue(), err.getvalue())
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
