@@ -76,3 +76,25 @@ def test_missing_files_names_the_first_file_absent_or_short(tmp_path):
     assert missing_files(tmp_path, {}) is None  # a checkpoint from before the list: trusted as before
     (tmp_path / "sub" / "b.pt").unlink()
     assert missing_files(tmp_path, meta) == "sub/b.pt is missing"
+
+
+def test_worker_temp_dirs_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    """A worker killed with its node never cleans up: the next worker on that host removes what it left."""
+    import os
+    import subprocess
+    import tempfile
+
+    from dcad.platform.ray_worker import worker_temp_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"dcad-rank0-{dead.pid}-abc"
+    live = tmp_path / f"dcad-rank0-{os.getpid()}-def"
+    other = tmp_path / f"dcad-rank1-{dead.pid}-ghi"  # another kind: left to its own kind's next worker
+    for directory in (left, live, other):
+        directory.mkdir()
+        (directory / "base.pt").write_bytes(b"x")
+    fresh = worker_temp_dir("rank0")
+    assert fresh.is_dir() and fresh.name.startswith(f"dcad-rank0-{os.getpid()}-")
+    assert not left.exists() and live.exists() and other.exists()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -162,7 +164,7 @@ class _Reporter:
         the checkpoint `name`, uploaded by `upload_checkpoint`."""
         import ray.train
 
-        staging = Path(tempfile.mkdtemp(prefix="dcad-ckpt-"))
+        staging = worker_temp_dir("ckpt")
         try:
             shutil.copytree(files, staging, dirs_exist_ok=True)
             meta = {**meta, MANIFEST_KEY: file_sizes(staging)}
@@ -172,6 +174,27 @@ class _Reporter:
                              checkpoint_upload_fn=upload_checkpoint)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def worker_temp_dir(kind: str) -> Path:
+    """A fresh `dcad-KIND-PID-…` directory in the temp dir, after removing those of `kind` whose process is
+    gone (a worker killed by a node loss or a fault never runs its cleanup)."""
+    pattern = re.compile(rf"dcad-{re.escape(kind)}-(\d+)-")
+    for old in Path(tempfile.gettempdir()).glob(f"dcad-{kind}-*"):
+        match = pattern.match(old.name)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"dcad-{kind}-{os.getpid()}-"))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def file_sizes(directory: Path) -> dict[str, int]:
@@ -290,7 +313,7 @@ def train_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = DCADConfig.from_dict(spec.cfg, "train_loop_config")
-    local_dir = Path(tempfile.mkdtemp(prefix=f"dcad-rank{rank}-"))
+    local_dir = worker_temp_dir(f"rank{rank}")
     try:
         meta = _restore(local_dir)
         if meta is not None and meta.get("final"):

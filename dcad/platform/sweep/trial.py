@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcad.platform.ray_worker import MANIFEST_KEY, META_FILE, file_sizes, missing_files, read_meta
+from dcad.platform.ray_worker import MANIFEST_KEY, META_FILE, file_sizes, missing_files, read_meta, worker_temp_dir
 from dcad.platform.sweep.reporting import DONE_KEY
 from dcad.platform.sweep.search import decode_params
 from dcad.platform.tracking_buffer import call_when_reachable
@@ -167,7 +167,7 @@ def train_in_trial(cfg, context: TrialContext, trial_id: str, tracker, stages, s
     from dcad.train.pipeline import TrainHooks, resolve_device, train_drdc
     from dcad.train.shared_stages import TrainedWeights
 
-    local = Path(tempfile.mkdtemp(prefix="dcad-trial-"))
+    local = worker_temp_dir("trial")
     try:
         meta = restore_checkpoint(local)
         resumed = float((meta or {}).get("epoch", 0))
@@ -251,7 +251,7 @@ class EpochReporter:
         if self.tracker is not None:
             self.tracker.log_epoch(report)
         meta = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, "history": self.history}
-        staging = Path(tempfile.mkdtemp(prefix="dcad-ckpt-"))
+        staging = worker_temp_dir("ckpt")
         try:
             shutil.copytree(self.local, staging, dirs_exist_ok=True)
             meta[MANIFEST_KEY] = file_sizes(staging)
