@@ -172,10 +172,6 @@ class DCADConfig(_Strict):
         data = read_yaml_mapping(path, "config", ConfigError)
         return cls.from_dict(data, str(path))
 
-    @classmethod
-    def from_profile(cls, name: str, overrides: list[str] | None = None) -> "DCADConfig":
-        return load_config(profile=name, overrides=overrides)
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

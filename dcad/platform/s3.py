@@ -12,7 +12,6 @@ MLflow's; pyarrow's `AwsStandardS3RetryStrategy` for the Ray storage filesystem 
 from __future__ import annotations
 
 import os
-from urllib.parse import urlparse
 
 ENDPOINT_ENV = "MLFLOW_S3_ENDPOINT_URL"
 CHECKSUM_ENV = {
@@ -44,14 +43,6 @@ def configure_s3_env() -> None:
     if s3_endpoint():
         for key, value in CHECKSUM_ENV.items():
             os.environ.setdefault(key, value)
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an s3:// URI: {uri}")
-    return parsed.netloc, parsed.path.lstrip("/")
 
 
 def s3_client(endpoint_url: str | None = None, **credentials):

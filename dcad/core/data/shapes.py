@@ -47,11 +47,6 @@ def ellipse_sdf(shape: tuple[int, int], cy: float, cx: float, a: float, b: float
     return f / grad
 
 
-def circle_sdf(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
-    yy, xx = grid(*shape)
-    return np.hypot(yy - cy, xx - cx) - r
-
-
 def blob_sdf(
     shape: tuple[int, int], cy: float, cx: float, radius: float, rng: np.random.Generator, wobble: float = 0.18
 ) -> np.ndarray:

@@ -49,11 +49,6 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
-def session_id(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[3]) if fields else None
-
-
 def identify(pid: int) -> ProcessId | None:
     started, cmdline = start_time(pid), read_cmdline(pid)
     if started is None or not cmdline:
