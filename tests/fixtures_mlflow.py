@@ -20,17 +20,8 @@ class CliResult:
 
 def run_dcad(capsys, *args: str) -> CliResult:
     """`dcad ARGS` through the real entry point (`main`: one-line errors, exit codes), in this process."""
-    from dcad.cli.app import main
-
     capsys.readouterr()
-    argv, sys.argv = sys.argv, ["dcad", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
+    code = run_main(*args)
     captured = capsys.readouterr()
     return CliResult(code, captured.out, captured.err)
 
@@ -93,7 +84,8 @@ class TrainedModel:
 
 
 def run_main(*args: str) -> int:
-    """`dcad ARGS` in this process without capturing (for session fixtures); returns the exit code."""
+    """`dcad ARGS` through the real entry point (`main`: one-line errors, exit codes), in this process, without
+    capturing its output; returns the exit code."""
     from dcad.cli.app import main
 
     argv, sys.argv = sys.argv, ["dcad", *args]
@@ -101,7 +93,7 @@ def run_main(*args: str) -> int:
         main()
         return 0
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = argv
 

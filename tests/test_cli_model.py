@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +17,16 @@ pytestmark = pytest.mark.slow
 
 
 def dcad(*args: str) -> subprocess.CompletedProcess:
-    """`dcad ARGS` through the real entry point (`main`: one-line errors, exit codes), in this process: a
-    subprocess spends ~10 s importing torch for each call. (`tests/test_cli_startup.py` runs real processes.)"""
+    """`dcad ARGS` in this process, its output captured: a subprocess spends ~10 s importing torch for each
+    call. (`tests/test_cli_startup.py` runs real processes.)"""
     import contextlib
     import io
 
-    from dcad.cli.app import main
+    from fixtures_mlflow import run_main
 
     out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["dcad", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_main(*args)
     return subprocess.CompletedProcess(["dcad", *args], code, out.getvalue(), err.getvalue())
 
 

@@ -179,22 +179,14 @@ class _Reporter:
 def worker_temp_dir(kind: str) -> Path:
     """A fresh `dcad-KIND-PID-…` directory in the temp dir, after removing those of `kind` whose process is
     gone (a worker killed by a node loss or a fault never runs its cleanup)."""
+    from dcad.platform.stack.procs import pid_alive
+
     pattern = re.compile(rf"dcad-{re.escape(kind)}-(\d+)-")
     for old in Path(tempfile.gettempdir()).glob(f"dcad-{kind}-*"):
         match = pattern.match(old.name)
-        if match and not _process_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"dcad-{kind}-{os.getpid()}-"))
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def file_sizes(directory: Path) -> dict[str, int]:

@@ -145,16 +145,10 @@ def writer_alive(run) -> bool:
     tags = run.data.tags
     if tags.get("dcad.host") != socket.gethostname() or not tags.get("dcad.pid", "").isdigit():
         return False
+    from dcad.platform.stack.procs import pid_alive
+
     pid = int(tags["dcad.pid"])
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or pid_alive(pid)
 
 
 def end_orphaned_runs(client, experiment_id: str, filter_string: str, why: str) -> list[str]:

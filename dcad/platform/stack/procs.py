@@ -143,6 +143,17 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0; one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _alive(pid: int) -> bool:
     fields = _stat_fields(pid)
     return fields is not None and fields[0] != "Z"
