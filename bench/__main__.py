@@ -2,7 +2,7 @@
 
     python -m bench                       # full suite: cpu profile, seeds 0 and 1 (tens of minutes on 2 cores)
     python -m bench --quick               # CI smoke run: tiny profile, small data, seed 0 (≤ 90 s)
-    python -m bench --seeds 0 --methods drdc,patchcore --out /tmp/bench
+    python -m bench --seeds 0 --methods drdc,anomalib_patchcore --out /tmp/bench
     python -m bench --report-only         # re-render tables, quality plot and README from OUT/suite.json
 
 Writes OUT/suite.json, OUT/suite.md, OUT/suite_quality_latency.png and OUT/suite_heatmaps.png, and (full
@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reverse-images", type=int, default=24,
                    help="reverse_diffusion is evaluated on this many evenly spaced test images (0: all)")
     p.add_argument("--ae-iters", type=int, help="autoencoder training iterations (default 500; quick: 30)")
+    p.add_argument("--stfpm-iters", type=int, help="anomalib_stfpm student training iterations, batch 16 "
+                   "(default 100; quick: 10)")
     p.add_argument("--drdc-model", type=Path, help="evaluate this model directory (trained by `dcad train` on the "
                    "same synthetic data; one seed) instead of training DRDC; its config replaces --profile")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; quick: 1, which is "
@@ -106,6 +108,7 @@ def options_from(args: argparse.Namespace) -> SuiteOptions:
             reverse_steps=args.reverse_steps or (5 if quick else 50),
             reverse_max_images=args.reverse_images or None,
             drdc_model=args.drdc_model,
+            stfpm_iterations=args.stfpm_iters if args.stfpm_iters is not None else (10 if quick else 100),
         ),
         batch_cap=args.batch_size,
         quick=quick,

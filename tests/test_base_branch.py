@@ -151,3 +151,33 @@ def test_base_stage_overfits_fixed_features():
     final = stage.loss(model.eval(), feats, torch.Generator()).item()
     assert final < 0.2 * initial
     assert losses[-1] < losses[0]
+
+
+def test_cosine_token_error_weighs_every_stage_alike():
+    """1 − cos per stage, averaged: a large stage with a huge magnitude no longer drowns a small one."""
+    feats = torch.ones(1, 6, 2, 2)
+    feats[:, 2:] *= 100.0  # stage 2: 4 channels, 100× the magnitude of stage 1
+    recon = feats.clone()
+    recon[0, 0, 0, 0] = -1.0  # stage 1 (2 channels) turned by 90° at token (0, 0)
+    model = BaseReconstructor(6, (2, 2), small_cfg(distance="cosine", neighbor_size=1), stage_channels=[2, 4])
+    err = model.token_error(feats, recon)
+    assert err.shape == (1, 1, 2, 2)
+    assert err[0, 0, 0, 0].item() == pytest.approx(0.5, abs=1e-5)  # (1 − cos 90°) / 2 stages
+    assert err[0, 0, 1, 1].item() == pytest.approx(0.0, abs=1e-6)
+    l2 = base_anomaly_map(feats, recon, image_size=2)
+    assert l2[0, 0, 0, 0].item() == pytest.approx(2.0, abs=1e-5)
+    recon_big = feats.clone()
+    recon_big[0, 2:, 1, 1] *= 1.01  # a 1 % change of the large stage: l2 4.0, cosine 0
+    assert model.token_error(feats, recon_big)[0, 0, 1, 1].item() == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ModelError, match="do not add up"):
+        BaseReconstructor(6, (2, 2), small_cfg(distance="cosine", neighbor_size=1), stage_channels=[2, 3])
+
+
+def test_cosine_base_stage_trains_on_the_distance_its_map_shows():
+    torch.manual_seed(0)
+    feats = torch.randn(8, 6, 3, 3) + 2.0
+    model = BaseReconstructor(6, (3, 3), small_cfg(distance="cosine", jitter_scale=0.0, neighbor_size=1), stage_channels=[2, 4])
+    stage = BaseStage(model, FeatureCache(feats, torch.zeros(8, dtype=torch.long)))
+    loss = stage.loss(model.eval(), feats, torch.Generator())
+    assert loss.item() == pytest.approx(model.token_error(feats, model(feats)).mean().item(), rel=1e-5)
+

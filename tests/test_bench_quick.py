@@ -17,8 +17,6 @@ if str(REPO) not in sys.path:  # `bench` is a folder of the repository, not an i
 
 from bench.__main__ import RESULT_FILES, main  # noqa: E402
 from bench.methods import METHOD_NAMES  # noqa: E402
-from bench.methods.padim import Gaussians  # noqa: E402
-from bench.methods.patchcore import greedy_coreset  # noqa: E402
 from bench.suite_report import (  # noqa: E402
     README_END,
     README_START,
@@ -104,7 +102,7 @@ def test_speed_entries_are_consistent(quick_run):
             assert 1 <= s["batch_size"] <= BATCH_CAP, name
             assert s["fit_peak_rss_delta_mb"] >= 0 and s["infer_peak_rss_delta_mb"] >= 0, name
         passes = {name: r["speed"]["unet_passes_per_image"] for name, r in run["methods"].items()}
-        assert passes["drdc_base_only"] == passes["patchcore"] == 0
+        assert passes["drdc_base_only"] == passes["anomalib_patchcore"] == 0
         assert 0 < passes["drdc"] == passes["drdc_refine_only"] < passes["reverse_diffusion"]
         ratio = run["refiner_vs_reverse_diffusion"]
         assert ratio["time_ratio"] == pytest.approx(ratio["reverse_ms_per_image"] / ratio["drdc_ms_per_image"])
@@ -203,27 +201,6 @@ def test_readme_markers_are_created_under_the_heading_and_then_replaced(tmp_path
     assert text.replace(f"{README_START}\nsecond table\n{README_END}\n\n", "") == original
 
 
-def test_greedy_coreset_reaches_every_cluster():
-    gen = torch.Generator().manual_seed(0)
-    centres = torch.randn(5, 16, generator=gen) * 50
-    points = (centres[:, None] + torch.randn(5, 40, 16, generator=gen)).reshape(-1, 16)
-    chosen = greedy_coreset(points, ratio=5 / 200, seed=3)
-    assert len(chosen) == 5 and len(set(chosen.tolist())) == 5
-    assert {int(i) // 40 for i in chosen} == set(range(5))  # random picks would miss clusters
-
-
-def test_padim_gaussians_give_mahalanobis_distance():
-    gen = torch.Generator().manual_seed(0)
-    feats = torch.randn(50, 4, 2, 3, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1)
-    gauss = Gaussians(feats, ridge=0.01)
-    query = torch.randn(2, 4, 2, 3, generator=gen)
-    x = feats[:, :, 1, 2].double()
-    cov = torch.cov(x.T) + 0.01 * torch.eye(4, dtype=torch.float64)
-    delta = query[:, :, 1, 2].double() - x.mean(0)
-    expected = torch.sqrt(torch.einsum("bi,ij,bj->b", delta, torch.linalg.inv(cov), delta))
-    assert torch.allclose(gauss.mahalanobis(query)[:, 1, 2].double(), expected, rtol=1e-4)
-
-
 def test_evaluation_subset_spans_the_split_and_keeps_the_figure_images():
     from bench.suite import evaluation_indices
 
@@ -232,14 +209,3 @@ def test_evaluation_subset_spans_the_split_and_keeps_the_figure_images():
     assert chosen == sorted(set(chosen)) and {7, 100} <= set(chosen) and len(chosen) <= 26
     assert {categories[i] for i in chosen} == set(categories)
     assert evaluation_indices(10, None, keep=[3]) == evaluation_indices(10, 50, keep=[]) == list(range(10))
-
-
-def test_patchcore_keeps_small_banks_whole_and_subsamples_large_ones():
-    from bench.methods.patchcore import PatchCore
-
-    points = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
-    method = PatchCore(coreset_ratio=0.1, min_bank=100)
-    assert torch.equal(method.subsample(points[:80], seed=0), points[:80])
-    bank = method.subsample(points, seed=0)
-    assert len(bank) == 100 and len(torch.unique(bank, dim=0)) == 100  # max(10 % of 300, 100) distinct patches
-    assert len(PatchCore(coreset_ratio=0.5, min_bank=100).subsample(points, seed=0)) == 150

@@ -61,6 +61,8 @@ class BaseBranchConfig(_Strict):
     neighbor_size: int = Field(7, ge=0, description="k of the k×k neighbourhood a token may not attend to (0: off).")
     jitter_scale: float = Field(20.0, ge=0.0, description="Feature jitter: noise scale relative to the feature norm (UniAD α).")
     jitter_prob: float = Field(1.0, ge=0.0, le=1.0)
+    distance: Literal["l2", "cosine"] = Field(
+        "l2", description="Base map and loss: L2 over all channels, or 1 − cosine per backbone stage, averaged (Dinomaly).")
 
 
 class UNetConfig(_Strict):
@@ -103,6 +105,10 @@ class RefinerConfig(_Strict):
     hf_inner_sigma: float = Field(
         0.0, ge=0.0, description="Band-pass: blur x and x̂ by this σ before the high-pass (0 = plain high frequency)."
     )
+    compare: Literal["pixels", "features"] = Field(
+        "pixels", description="Refinement map: band-passed pixels of x and x̂, or 1 − cosine of the backbone's "
+        "earliest stages of x and x̂ (`compare_stages` of them).")
+    compare_stages: int = Field(1, ge=1, description="features: how many of the earliest backbone stages to compare.")
     train_timestep_max: int | None = Field(
         None, ge=2, description="Train on t ~ U[1, this) instead of the full schedule (None: num_train_timesteps)."
     )

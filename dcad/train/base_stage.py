@@ -34,8 +34,11 @@ class BaseStage:
         return self.cache
 
     def loss(self, module: nn.Module, batch: Tensor, generator: torch.Generator) -> Tensor:
-        """MSE between the clean features and the reconstruction of their jittered version."""
+        """The clean features against the reconstruction of their jittered version: MSE (``base.distance=l2``)
+        or the mean per-stage cosine distance (``cosine``, the distance the base map then shows)."""
         recon = module(batch, generator)
+        if self.model.distance == "cosine":
+            return self.model.token_error(batch, recon).mean()
         return F.mse_loss(recon.float(), batch.float())
 
     def validate(self, module: nn.Module) -> dict[str, float]:

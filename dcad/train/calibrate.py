@@ -14,7 +14,6 @@ from torch.utils.data import Dataset
 from dcad.core.errors import DatasetError
 from dcad.core.inference import loader_for, predict_batches
 from dcad.core.metrics import f1_max_threshold
-from dcad.core.model.base_branch import base_anomaly_map
 from dcad.core.model.drdc import DRDC
 
 MAX_PIXELS_FOR_THRESHOLD = 2_000_000
@@ -33,7 +32,7 @@ def fit_base_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) 
     for batch in _normal_batches(dataset, batch_size):
         images = batch["image"].to(device)
         feats = model.backbone(images)
-        base_map = base_anomaly_map(feats, model.base(feats), model.image_size).double()
+        base_map = model.base.anomaly_map(feats, model.base(feats), model.image_size).double()
         total += base_map.sum().item()
         total_sq += (base_map**2).sum().item()
         count += base_map.numel()

@@ -24,7 +24,6 @@ from dcad.core.config import DCADConfig
 from dcad.core.data import Splits
 from dcad.core.inference import loader_for
 from dcad.core.metrics import AnomalyEvaluator
-from dcad.core.model.base_branch import base_anomaly_map
 from dcad.core.model.drdc import DRDC
 from dcad.core.model.fusion import gaussian_blur, image_score
 from dcad.train.base_stage import BaseStage
@@ -120,7 +119,7 @@ class _ValidationSet:
             normal = b["label"].to(self.device) == 0
             if normal.any():
                 losses.append(((recon - feats) ** 2)[normal].mean().item())
-            amap = gaussian_blur(base_anomaly_map(feats, recon, self.model.image_size), cfg.fusion.blur_sigma)
+            amap = gaussian_blur(self.model.base.anomaly_map(feats, recon, self.model.image_size), cfg.fusion.blur_sigma)
             ev.update(image_score(amap, cfg.fusion.pool_kernel), b["label"], amap, b["mask"], list(b["category"]))
         return _val_metrics(ev.compute(), losses)
 
@@ -311,6 +310,6 @@ def _standardised_base_maps(model: DRDC, cache, device) -> torch.Tensor:
     maps = []
     for start in range(0, len(cache), 64):
         feats = cache.features[start : start + 64].to(device).float()
-        base = base_anomaly_map(feats, model.base(feats), model.image_size)
+        base = model.base.anomaly_map(feats, model.base(feats), model.image_size)
         maps.append(model.calibration.standardise_base(base).cpu())
     return torch.cat(maps)

@@ -252,7 +252,8 @@ class FeatureExtractor(nn.Module):
             self.model.load_state_dict(state, strict=False)
         self.model.requires_grad_(False)
         self.model.eval()
-        self.channels: int = int(sum(self.model.feature_info.channels()))
+        self.stage_channels: list[int] = [int(c) for c in self.model.feature_info.channels()]
+        self.channels: int = sum(self.stage_channels)
         self.grid: tuple[int, int] = (image_size // self.stride, image_size // self.stride)
         pretrained = _pretrained_cfg(cfg.name)
         mean = pretrained.mean if pretrained is not None else IMAGENET_MEAN
@@ -292,6 +293,12 @@ class FeatureExtractor(nn.Module):
         if feature.shape[-2] >= size[0] and feature.shape[-1] >= size[1]:
             return F.adaptive_avg_pool2d(feature, size)
         return F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def stages(self, images: Tensor, count: int) -> list[Tensor]:
+        """The first `count` stages of `out_indices`, each at its own stride (no resizing)."""
+        x = (images.float() - self.mean) / self.std
+        return [f.float() for f in self.model(x)[:count]]
 
     def pooled(self, images: Tensor) -> Tensor:
         """[B, C]: global average of `forward` (category prototypes)."""

@@ -105,11 +105,16 @@ class _FeedForward(nn.Sequential):
 class BaseReconstructor(nn.Module):
     """Reconstructs [B,C,h,w] features of normal images; one model for all categories."""
 
-    def __init__(self, in_channels: int, grid: tuple[int, int], cfg: BaseBranchConfig) -> None:
+    def __init__(self, in_channels: int, grid: tuple[int, int], cfg: BaseBranchConfig,
+                 stage_channels: list[int] | None = None) -> None:
         super().__init__()
         if cfg.hidden_dim % cfg.num_heads:
             raise ModelError(f"base.hidden_dim={cfg.hidden_dim} must be divisible by base.num_heads={cfg.num_heads}")
         self.in_channels = in_channels
+        self.stage_channels = list(stage_channels or [in_channels])
+        if sum(self.stage_channels) != in_channels:
+            raise ModelError(f"base branch: stage channels {self.stage_channels} do not add up to {in_channels}")
+        self.distance = cfg.distance
         self.grid = (int(grid[0]), int(grid[1]))
         self.jitter_scale = cfg.jitter_scale
         self.jitter_prob = cfg.jitter_prob
@@ -137,6 +142,14 @@ class BaseReconstructor(nn.Module):
             out = layer(out, memory, pos, self.attn_mask)
         return self.output_proj(out).transpose(1, 2).reshape(batch, channels, h, w)
 
+    def token_error(self, feats: Tensor, recon: Tensor) -> Tensor:
+        """[B,1,h,w] per-token error under `base.distance` (what the base map shows and the loss averages)."""
+        return token_error(feats, recon, self.distance, self.stage_channels)
+
+    def anomaly_map(self, feats: Tensor, recon: Tensor, image_size: int) -> Tensor:
+        """[B,1,S,S]: the per-token error upsampled to the image."""
+        return upsample_map(self.token_error(feats, recon), image_size)
+
     def _check_input(self, feats: Tensor) -> None:
         expected = (self.in_channels, *self.grid)
         if feats.ndim != 4 or tuple(feats.shape[1:]) != expected:
@@ -144,7 +157,24 @@ class BaseReconstructor(nn.Module):
             raise ModelError(f"base branch expects features [B,{wanted}], got {tuple(feats.shape)}")
 
 
+def token_error(feats: Tensor, recon: Tensor, distance: str = "l2", stage_channels: list[int] | None = None) -> Tensor:
+    """[B,1,h,w]: ‖F − F̂‖ over all channels (``l2``), or the mean over backbone stages of 1 − cos(F_s, F̂_s)
+    (``cosine``: every stage counts alike, whatever its channel count and feature magnitude)."""
+    feats, recon = feats.float(), recon.float()
+    if distance == "l2":
+        return (feats - recon).pow(2).sum(dim=1, keepdim=True).sqrt()
+    if distance != "cosine":
+        raise ModelError(f"base.distance: unknown distance '{distance}' (l2 or cosine)")
+    splits = stage_channels or [feats.shape[1]]
+    errors = [1.0 - F.cosine_similarity(f, r, dim=1, eps=1e-6)
+              for f, r in zip(feats.split(splits, dim=1), recon.split(splits, dim=1))]
+    return torch.stack(errors).mean(dim=0).unsqueeze(1)
+
+
+def upsample_map(error: Tensor, image_size: int) -> Tensor:
+    return F.interpolate(error, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+
 def base_anomaly_map(feats: Tensor, recon: Tensor, image_size: int) -> Tensor:
     """Per-token L2 reconstruction error ‖F − F̂‖ → [B,1,h,w] → bilinear to [B,1,S,S]."""
-    error = (feats.float() - recon.float()).pow(2).sum(dim=1, keepdim=True).sqrt()
-    return F.interpolate(error, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return upsample_map(token_error(feats, recon), image_size)

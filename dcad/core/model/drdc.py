@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from dcad.core.config import DCADConfig, FusionConfig
+from dcad.core.errors import ModelError
 from dcad.core.model.backbone import FeatureExtractor
-from dcad.core.model.base_branch import BaseReconstructor, base_anomaly_map
+from dcad.core.model.base_branch import BaseReconstructor
 from dcad.core.model.denoiser import Denoiser, build_scheduler
 from dcad.core.model.fusion import RefinementStats, fuse, gaussian_blur, image_score
 from dcad.core.model.inpainting import InpaintingRefiner
@@ -63,7 +64,7 @@ class DRDC(nn.Module):
         self.cfg = cfg
         self.categories = list(categories)
         self.backbone = FeatureExtractor(cfg.backbone, cfg.data.image_size)
-        self.base = BaseReconstructor(self.backbone.channels, self.backbone.grid, cfg.base)
+        self.base = BaseReconstructor(self.backbone.channels, self.backbone.grid, cfg.base, self.backbone.stage_channels)
         self.uses_refiner = cfg.refiner.enabled and cfg.ablation.mode != "base_only"
         self.denoiser = Denoiser(cfg.refiner, len(categories)) if self.uses_refiner else None
         self.scheduler = build_scheduler(cfg.refiner.scheduler) if self.uses_refiner else None
@@ -103,15 +104,35 @@ class DRDC(nn.Module):
         if category_index is None:
             category_index = self.predict_category(images, feats)
         category_index = category_index.to(images.device)
-        base_map = base_anomaly_map(feats, self.base(feats), self.image_size)
+        base_map = self.base.anomaly_map(feats, self.base(feats), self.image_size)
         base_z = self.calibration.standardise_base(base_map)
         refine_maps = None
         if self.uses_refiner:
             refiner = self.refiner()
             guidance = base_z if self.cfg.refiner.base_map_channel else None
             inpainted = refiner.inpaint(images, guidance, self.class_labels(category_index))
-            refine_maps = refiner.refinement_maps(images, inpainted)
+            refine_maps = self.compare(images, inpainted, refiner)
         return base_map, base_z, refine_maps, category_index
+
+    @torch.no_grad()
+    def compare(self, images: Tensor, inpainted: Tensor, refiner: InpaintingRefiner) -> Tensor:
+        """Refinement maps [B,T,S,H,W] of images [B,3,H,W] against their inpaintings [B,T,S,3,H,W]."""
+        if self.cfg.refiner.compare == "pixels":
+            return refiner.refinement_maps(images, inpainted)
+        count = self.cfg.refiner.compare_stages
+        if count > len(self.backbone.stage_channels):
+            raise ModelError(f"refiner.compare_stages={count}: the backbone has {len(self.backbone.stage_channels)} "
+                             f"stages (backbone.out_indices)")
+        b, t, s = inpainted.shape[:3]
+        real = self.backbone.stages(images, count)
+        fake = self.backbone.stages(inpainted.flatten(0, 2), count)
+        size = images.shape[-2:]
+        maps = []
+        for f_real, f_fake in zip(real, fake):
+            f_real = f_real.unsqueeze(1).unsqueeze(1).expand(b, t, s, *f_real.shape[1:]).flatten(0, 2)
+            err = 1.0 - nn.functional.cosine_similarity(f_real, f_fake, dim=1, eps=1e-6).unsqueeze(1)
+            maps.append(nn.functional.interpolate(err, size=size, mode="bilinear", align_corners=False))
+        return torch.stack(maps).mean(dim=0).reshape(b, t, s, *size)
 
     @torch.no_grad()
     def forward(self, images: Tensor, category_index: Tensor | None = None) -> Prediction:
