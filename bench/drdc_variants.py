@@ -65,7 +65,6 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
 def rescore_variant(name: str, overrides: list[str], args) -> dict:
     """A saved model re-calibrated on validation under inference-time overrides (no retraining)."""
     from dcad.core.config import DCADConfig, apply_overrides, parse_override
-    from dcad.core.metrics import AnomalyEvaluator
     from dcad.core.model.model_dir import load_model
     from dcad.train.calibrate import calibrate
 
@@ -76,16 +75,11 @@ def rescore_variant(name: str, overrides: list[str], args) -> dict:
     splits = prepare(Path(args.cache), synth_spec(model.cfg.data.image_size, args), args.seed, model.cfg).splits
     start = time.perf_counter()
     calibrate(model, splits.val, 32, "cpu")
-    ev = AnomalyEvaluator()
-    from dcad.core.inference import predict_batches
-
-    for batch, pred in predict_batches(model, splits.val, 32):
-        ev.update(pred.image_score, batch["label"], pred.anomaly_map, batch["mask"], list(batch["category"]))
-    mean = ev.compute()["mean"]
+    mean = evaluate(model, splits.val, 32)["mean"]
     row = {"variant": name, "overrides": overrides, "seed": args.seed, "model": str(args.model),
            "rescore_s": round(time.perf_counter() - start, 1), "val": {k: round(float(mean[k]), 4) for k in KEYS}}
     if args.test:
-        result = evaluate(model, splits.test, 32, track_defect_types=True)
+        result = evaluate(model, splits.test, 32)
         row["test"] = {k: round(float(result["mean"][k]), 4) for k in KEYS}
     return row
 

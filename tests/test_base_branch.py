@@ -8,7 +8,7 @@ import torch
 from dcad.core.config import BackboneConfig, BaseBranchConfig, StageTrainConfig
 from dcad.core.errors import ModelError
 from dcad.core.model.backbone import FeatureExtractor
-from dcad.core.model.base_branch import BaseReconstructor, base_anomaly_map, feature_jitter, neighbor_mask
+from dcad.core.model.base_branch import BaseReconstructor, feature_jitter, neighbor_mask, token_error, upsample_map
 from dcad.train.base_stage import BaseStage
 from dcad.train.features import FeatureCache, compute_features
 from dcad.train.loop import fit_stage
@@ -112,7 +112,7 @@ def test_base_anomaly_map_is_token_l2_error_upsampled():
     feats = torch.zeros(2, 4, 4, 4)
     recon = feats.clone()
     recon[1, :, 1, 2] = torch.tensor([3.0, 4.0, 0.0, 0.0])  # error norm 5 at token (1, 2) of image 1
-    amap = base_anomaly_map(feats, recon, image_size=32)
+    amap = upsample_map(token_error(feats, recon), image_size=32)
     assert amap.shape == (2, 1, 32, 32)
     assert amap[0].abs().max() == 0
     assert 4.0 < amap[1].max().item() <= 5.0  # bilinear (align_corners=False) peaks between pixel centres
@@ -164,7 +164,7 @@ def test_cosine_token_error_weighs_every_stage_alike():
     assert err.shape == (1, 1, 2, 2)
     assert err[0, 0, 0, 0].item() == pytest.approx(0.5, abs=1e-5)  # (1 − cos 90°) / 2 stages
     assert err[0, 0, 1, 1].item() == pytest.approx(0.0, abs=1e-6)
-    l2 = base_anomaly_map(feats, recon, image_size=2)
+    l2 = upsample_map(token_error(feats, recon), image_size=2)
     assert l2[0, 0, 0, 0].item() == pytest.approx(2.0, abs=1e-5)
     recon_big = feats.clone()
     recon_big[0, 2:, 1, 1] *= 1.01  # a 1 % change of the large stage: l2 4.0, cosine 0

@@ -8,7 +8,7 @@ anomalib's Lightning modules fit it, and scored with its RAW outputs: `pred_scor
 its `InferenceBatch`, before any normalisation or thresholding. One model per category.
 
 - `anomalib_padim`: `PadimModel`, embeddings of every training image, then `fit()` (a Gaussian per
-  position); 100 random channels, like the hand-written `padim`.
+  position); 100 random channels.
 - `anomalib_patchcore`: `PatchcoreModel`, embeddings of every training image, then anomalib's k-center
   greedy coreset at its default ratio 0.1 (`Patchcore(coreset_sampling_ratio=0.1)`); the image score is
   anomalib's re-weighted nearest-neighbour distance (`num_neighbors=9`).

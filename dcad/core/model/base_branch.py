@@ -172,9 +172,5 @@ def token_error(feats: Tensor, recon: Tensor, distance: str = "l2", stage_channe
 
 
 def upsample_map(error: Tensor, image_size: int) -> Tensor:
+    """[B,1,h,w] → bilinear to [B,1,S,S]."""
     return F.interpolate(error, size=(image_size, image_size), mode="bilinear", align_corners=False)
-
-
-def base_anomaly_map(feats: Tensor, recon: Tensor, image_size: int) -> Tensor:
-    """Per-token L2 reconstruction error ‖F − F̂‖ → [B,1,h,w] → bilinear to [B,1,S,S]."""
-    return upsample_map(token_error(feats, recon), image_size)
