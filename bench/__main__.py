@@ -23,7 +23,7 @@ from bench.methods import METHOD_NAMES, MethodOptions
 from bench.suite import SCHEMA, SuiteOptions, run_suite
 from bench.suite_data import SynthSpec
 from bench.suite_plots import heatmap_grid, quality_latency
-from bench.suite_report import markdown, rewrite_readme, summarise, write_json
+from bench.suite_report import budget_rows, markdown, rewrite_readme, summarise, write_json
 from dcad.core.errors import DcadError
 
 QUICK_CATEGORIES = ("brick", "hex_nut")
@@ -119,7 +119,7 @@ def write_results(doc: dict, samples: dict | None, out: Path, readme: Path | Non
     """suite.json, the figures (the heatmaps only when `samples` are given), suite.md and the README section."""
     doc["summary"] = summarise(doc)
     write_json(doc, out / RESULT_FILES["json"])
-    quality_latency(doc["summary"], out / RESULT_FILES["quality_latency"])
+    quality_latency(doc["summary"], out / RESULT_FILES["quality_latency"], budget_rows(doc, doc["summary"]))
     if samples is not None:
         heatmap_grid(samples, out / RESULT_FILES["heatmaps"])
     local = {"quality against latency": RESULT_FILES["quality_latency"], "heatmaps": RESULT_FILES["heatmaps"]}

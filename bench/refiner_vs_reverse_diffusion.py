@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from dcad.core.config import RefinementBudget
 from dcad.core.data.validation import build_splits
 from dcad.core.inference import predict_batches
 from dcad.core.metrics import AnomalyEvaluator
@@ -41,6 +42,7 @@ def reverse_diffusion_variant(model: DRDC, val, start_timestep: int, steps: int,
     variant = copy.deepcopy(model)
     cfg = variant.cfg.model_copy(deep=True)
     cfg.refiner.timesteps, cfg.refiner.ddim_steps, cfg.fusion.weights = [start_timestep], steps, None
+    cfg.refiner.budget = RefinementBudget()  # the classic detector reconstructs every pixel of every image
     variant.cfg = cfg
     calibration = Calibration(1, len(cfg.refiner.patch_sizes), cfg.fusion)
     calibration.base_mean.copy_(model.calibration.base_mean)

@@ -149,7 +149,11 @@ def run_method(method: Method, fit_data: FitData, test: InMemory, batch_cap: int
         "batch_size": batch,
         "infer_peak_rss_delta_mb": infer.peak_rss_delta_mb,
         "unet_passes_per_image": int(getattr(method, "unet_passes", 0)),
+        "refined_pixel_fraction": None,
+        "refined_image_fraction": None,
     }
+    if hasattr(method, "refined_fractions"):
+        speed["refined_pixel_fraction"], speed["refined_image_fraction"] = method.refined_fractions(len(subset) + 1)
     result = {"quality": quality(subset, scores, maps) | {"test_images": len(subset)}, "speed": speed}
     return result, maps[[chosen.index(i) for i in keep]]
 
@@ -179,8 +183,9 @@ def run_seed(options: SuiteOptions, seed: int, log: Log) -> tuple[dict, dict]:
     results: dict[str, Any] = {}
     for method in build_methods(options.methods, options.method_options):
         started = time.perf_counter()
-        results[method.name], samples["maps"][method.name] = run_method(
-            method, fit_data, data.test, options.batch_cap, picked)
+        results[method.name], maps = run_method(method, fit_data, data.test, options.batch_cap, picked)
+        if not method.info.budget_curve:
+            samples["maps"][method.name] = maps
         mean = results[method.name]["quality"]["mean"]
         log(f"  {method.name:<18} image AUROC {mean['image_auroc']:.3f}  pixel AUROC {mean['pixel_auroc']:.3f}  "
             f"AUPRO {mean['aupro']:.3f}  {results[method.name]['speed']['ms_per_image']:.1f} ms/img  "

@@ -13,22 +13,43 @@ import numpy as np  # noqa: E402
 from bench.suite_report import SUBTLE_DEFECTS  # noqa: E402
 
 
-def quality_latency(summary: dict, path: Path) -> None:
-    """Pixel AUROC and AUPRO (mean ± std over seeds) against inference ms/image (log scale)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+def quality_latency(summary: dict, path: Path, curve: list[str] | None = None) -> None:
+    """Pixel AUROC and AUPRO (mean ± std over seeds) against inference ms/image (log scale); with `curve`
+    (DRDC's refinement budgets, least to most refined) those joined by a dashed line, and a third panel:
+    the curve alone, pixel AP against ms/image."""
+    fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(16.5 if curve else 11, 4.5))
     for ax, key, label in zip(axes, ("pixel_auroc", "aupro"), ("pixel AUROC", "AUPRO")):
-        for i, (method, s) in enumerate(summary.items()):
-            x, y = s["speed"]["ms_per_image"], s["mean"][key]
-            ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", capsize=3, color=f"C{i}")
-            ax.annotate(method, (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("inference latency (ms / image, log)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        if curve:
+            _curve_line(ax, summary, curve, key)
+        _points(ax, summary, list(summary), key, label)
+    if curve:
+        _curve_line(axes[2], summary, curve, "pixel_ap")
+        _points(axes[2], summary, curve, "pixel_ap", "pixel AP")
+        axes[2].set_title("DRDC refinement budgets", fontsize=9)
     fig.suptitle("quality against latency (same backbone, data and machine)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _curve_line(ax, summary: dict, curve: list[str], key: str) -> None:
+    ax.plot([summary[m]["speed"]["ms_per_image"]["mean"] for m in curve],
+            [summary[m]["mean"][key]["mean"] for m in curve], "--", color="gray", lw=1, label="DRDC refinement budgets")
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _points(ax, summary: dict, methods: list[str], key: str, label: str) -> None:
+    for i, method in enumerate(summary):
+        if method not in methods:
+            continue
+        s = summary[method]
+        x, y = s["speed"]["ms_per_image"], s["mean"][key]
+        ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", capsize=3, color=f"C{i % 10}")
+        ax.annotate(method, (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("inference latency (ms / image, log)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
 
 
 def _display_range(maps: np.ndarray) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from dcad.core.json_io import json_safe
 
 QUALITY_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
 SPEED_KEYS = ("test_images", "train_s", "images_per_s", "ms_per_image", "fit_peak_rss_delta_mb", "infer_peak_rss_delta_mb",
-              "unet_passes_per_image", "batch_size")
+              "unet_passes_per_image", "batch_size", "refined_pixel_fraction", "refined_image_fraction")
 SUBTLE_DEFECTS = ("faint_scratch", "faint_stain")
 GAIN_KEYS = ("pixel_auroc", "aupro", "image_auroc")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -43,7 +43,7 @@ def summarise(doc: dict) -> dict[str, dict]:
     """Per method: mean ± std over seeds of the mean metrics and speed; per category / defect type means."""
     runs, summary = doc["runs"], {}
     for method in doc["methods"]:
-        speed = {key: [run["methods"][method]["speed"][key] for run in runs] for key in SPEED_KEYS}
+        speed = {key: [run["methods"][method]["speed"].get(key) for run in runs] for key in SPEED_KEYS}
         means = {key: [run["methods"][method]["quality"]["mean"][key] for run in runs]
                  for key in runs[0]["methods"][method]["quality"]["mean"]}
         summary[method] = {
@@ -93,10 +93,16 @@ def _bold_best(rows: list[list[str]], values: list[list[float]]) -> None:
                     rows[i][j + 1] = f"**{rows[i][j + 1]}**"
 
 
+def main_methods(doc: dict) -> list[str]:
+    """Every method but the refinement-budget curve's own points (those have their own table)."""
+    return [m for m, info in doc["methods"].items() if not info.get("budget_curve")]
+
+
 def quality_table(doc: dict, summary: dict) -> str:
     header = ["method", "one model", "test images", *QUALITY_KEYS]
     rows, values = [], []
-    for method, info in doc["methods"].items():
+    for method in main_methods(doc):
+        info = doc["methods"][method]
         mean = summary[method]["mean"]
         n_test = _fmt(summary[method]["speed"]["test_images"]["mean"], 0)
         rows.append([method, "yes" if info["multi_class"] else "per category", n_test,
@@ -119,7 +125,7 @@ def subset_methods(doc: dict) -> dict[str, int]:
 def breakdown_methods(doc: dict, section: str) -> list[str]:
     """Per-defect-type tables leave out subset-scored methods: a type has only a few of their images."""
     skip = subset_methods(doc) if section == "defect_types" else {}
-    return [m for m in doc["methods"] if m not in skip]
+    return [m for m in main_methods(doc) if m not in skip]
 
 
 def _column_names(names: list[str]) -> list[str]:
@@ -193,12 +199,52 @@ def speed_table(doc: dict, summary: dict) -> str:
     header = ["method", "train s", "images/s", "ms/image", "batch", "UNet passes/image",
               "peak RSS Δ fit MB", "peak RSS Δ infer MB"]
     rows = []
-    for method in doc["methods"]:
+    for method in main_methods(doc):
         s = summary[method]["speed"]
         rows.append([method, _fmt(s["train_s"], 1), _fmt(s["images_per_s"], 2), _fmt(s["ms_per_image"], 1),
                      _fmt(s["batch_size"]["mean"], 0), _fmt(s["unet_passes_per_image"]["mean"], 0),
                      _fmt(s["fit_peak_rss_delta_mb"]["mean"], 0), _fmt(s["infer_peak_rss_delta_mb"]["mean"], 0)])
     return _table(header, rows)
+
+
+def budget_rows(doc: dict, summary: dict) -> list[str]:
+    """DRDC methods that refine (or not) a measured share of pixels, from least to most refined."""
+    rows = [m for m in doc["methods"] if summary[m]["speed"]["refined_pixel_fraction"]["mean"] is not None
+            and not math.isnan(summary[m]["speed"]["refined_pixel_fraction"]["mean"])
+            and m not in ("drdc_refine_only", "reverse_diffusion")]
+    return sorted(rows, key=lambda m: (summary[m]["speed"]["refined_pixel_fraction"]["mean"],
+                                       summary[m]["speed"]["ms_per_image"]["mean"]))
+
+
+def budget_table(doc: dict, summary: dict) -> str:
+    rows = budget_rows(doc, summary)
+    if len(rows) < 2:
+        return ""
+    base = summary.get("drdc_base_only", {}).get("speed", {}).get("ms_per_image", {}).get("mean", float("nan"))
+    header = ["method", "pixels refined", "images refined", "ms/image", "× base", *QUALITY_KEYS]
+    out = []
+    for method in rows:
+        s, mean = summary[method]["speed"], summary[method]["mean"]
+        ms = s["ms_per_image"]["mean"]
+        out.append([method, f"{100 * s['refined_pixel_fraction']['mean']:.0f} %",
+                    f"{100 * s['refined_image_fraction']['mean']:.0f} %", _fmt(s["ms_per_image"], 1),
+                    _fmt(ms / base, 1) if base and not math.isnan(base) else "–", *(_fmt(mean[k]) for k in QUALITY_KEYS)])
+    return _table(header, out)
+
+
+def speed_targets(summary: dict) -> str:
+    """The default model's cost against its base branch, PaDiM and the full reverse chain, in words."""
+    if "drdc" not in summary or "drdc_base_only" not in summary:
+        return ""
+    ms = {m: summary[m]["speed"]["ms_per_image"]["mean"] for m in summary}
+    parts = [f"drdc takes {ms['drdc']:.1f} ms/image, {ms['drdc'] / ms['drdc_base_only']:.1f}× its base branch"]
+    if "drdc_refine_all" in ms:
+        parts.append(f"{ms['drdc_refine_all'] / ms['drdc']:.1f}× less than refining every pixel")
+    if "anomalib_padim" in ms:
+        parts.append(f"{ms['anomalib_padim'] / ms['drdc']:.2f}× PaDiM's images/s")
+    if "reverse_diffusion" in ms:
+        parts.append(f"full reverse diffusion takes {ms['reverse_diffusion'] / ms['drdc']:.0f}× as long")
+    return "; ".join(parts) + "."
 
 
 def _gap(winner: dict[str, float], loser: dict[str, float]) -> str:
@@ -217,7 +263,7 @@ def losses(doc: dict, summary: dict, reference: str = "drdc") -> list[str]:
     out = []
     ref = summary[reference]
     for key in QUALITY_KEYS:
-        better = sorted((m for m in doc["methods"] if m != reference
+        better = sorted((m for m in main_methods(doc) if m != reference
                          and summary[m]["mean"][key]["mean"] > ref["mean"][key]["mean"]),
                         key=lambda m: -summary[m]["mean"][key]["mean"])
         if better:
@@ -265,6 +311,11 @@ def markdown(doc: dict, summary: dict, figures: dict[str, str]) -> str:
         "10 ms, minus RSS at the start; the DRDC variants and reverse diffusion share one trained model, "
         "so they report its training)", speed_table(doc, summary),
     ]
+    budget = budget_table(doc, summary)
+    if budget:
+        parts += ["**Refinement budget: quality against cost** (one trained model; each budget re-calibrated on "
+                  "validation; pixels/images refined are shares of the test split; × base is ms/image over "
+                  "drdc_base_only's in the same run)", budget, *filter(None, [speed_targets(summary)])]
     ratio = [r["refiner_vs_reverse_diffusion"] for r in runs if r.get("refiner_vs_reverse_diffusion")]
     if ratio:
         parts.append(

@@ -2,3 +2,4 @@
 
 from fixtures_mlflow import decoy_global_store, tiny_dataset, trained  # noqa: F401
 from fixtures_servers import direct_server, moto_endpoint, proxied_server  # noqa: F401
+from fixtures_torch import one_torch_thread  # noqa: F401

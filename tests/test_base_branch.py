@@ -14,13 +14,7 @@ from dcad.train.features import FeatureCache, compute_features
 from dcad.train.loop import fit_stage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: OpenMP threading only adds overhead (and stalls badly on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(**kw) -> BaseBranchConfig:

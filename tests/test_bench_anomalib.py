@@ -29,12 +29,7 @@ ANOMALIB = ("anomalib_padim", "anomalib_patchcore", "anomalib_stfpm")
 STFPM_ITERATIONS = 40  # ~0.2 s each at 64 px on one thread
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

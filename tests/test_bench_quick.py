@@ -104,6 +104,11 @@ def test_speed_entries_are_consistent(quick_run):
         passes = {name: r["speed"]["unet_passes_per_image"] for name, r in run["methods"].items()}
         assert passes["drdc_base_only"] == passes["anomalib_patchcore"] == 0
         assert 0 < passes["drdc"] == passes["drdc_refine_only"] < passes["reverse_diffusion"]
+        refined = {name: r["speed"]["refined_pixel_fraction"] for name, r in run["methods"].items()}
+        assert refined["drdc_base_only"] == 0 and refined["anomalib_padim"] is None
+        assert refined["drdc_refine_all"] == refined["drdc_refine_only"] == 1.0
+        assert refined["drdc"] == pytest.approx((32 / 64) ** 2)  # tiny: one 32 px window of a 64 px image
+        assert run["methods"]["drdc"]["speed"]["refined_image_fraction"] == 1.0
         ratio = run["refiner_vs_reverse_diffusion"]
         assert ratio["time_ratio"] == pytest.approx(ratio["reverse_ms_per_image"] / ratio["drdc_ms_per_image"])
 
@@ -118,6 +123,10 @@ def test_summary_figures_and_readme(quick_run):
         assert (out / "results" / RESULT_FILES[key]).read_bytes()[:8] == PNG_MAGIC
     table = (out / "results" / RESULT_FILES["markdown"]).read_text()
     assert all(f"| {name} |" in table for name in METHOD_NAMES)
+    budget = table.split("**Refinement budget")[1].split("\n\n")[1]  # least to most refined
+    rows = [line.split(" | ")[0].strip("| ") for line in budget.splitlines()[2:]]
+    assert rows[0] == "drdc_base_only" and rows[-1] in ("drdc_refine_all", "drdc_windows2", "drdc_window64")
+    assert "× its base branch" in table
     assert "old" in readme.read_text()  # --quick never rewrites a README
 
 
@@ -145,6 +154,10 @@ def test_report_only_rerenders_tables_from_the_json(quick_run):
     assert main(["--report-only", "--out", str(results), "--readme", str(readme)]) == 0
     table = (results / RESULT_FILES["markdown"]).read_text()
     assert all(f"| {name} |" in table for name in METHOD_NAMES)
+    budget = table.split("**Refinement budget")[1].split("\n\n")[1]  # least to most refined
+    rows = [line.split(" | ")[0].strip("| ") for line in budget.splitlines()[2:]]
+    assert rows[0] == "drdc_base_only" and rows[-1] in ("drdc_refine_all", "drdc_windows2", "drdc_window64")
+    assert "× its base branch" in table
     assert (results / RESULT_FILES["quality_latency"]).read_bytes()[:8] == PNG_MAGIC
     assert heatmaps.read_bytes() == heatmap_bytes  # kept: the samples are not in the JSON
     assert "old" in readme.read_text()  # a quick run's results never reach a README

@@ -17,12 +17,7 @@ from dcad.train.checkpoint import load_checkpoint, save_checkpoint
 from dcad.train.loop import derive_seed, fit_stage, warmup_cosine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ToyStage:

@@ -214,8 +214,9 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
 
     uri = sqlite_uri(tmp_path / "store")
     storage = tmp_path / "sweeps"
-    # refiner epochs long enough to catch a trial between its checkpoints
-    overrides = {**OVERRIDES, "train.base.epochs": 2, "train.refiner.epochs": 3, "train.refiner.iters_per_epoch": 25}
+    # refiner epochs long enough to catch a trial between its checkpoints, and for it not to finish in the
+    # 3 s before a SIGKILL (at 25 iterations, with the windowed refinement's faster calibration, it sometimes did)
+    overrides = {**OVERRIDES, "train.base.epochs": 2, "train.refiner.epochs": 3, "train.refiner.iters_per_epoch": 80}
     spec = write_spec(tmp_path / "resume.yaml", sweep_data, storage, uri, max_concurrent=1,
                       base={"profile": "tiny", "overrides": overrides})
     args = ["sweep", str(spec), "--address", cluster.address]
@@ -351,7 +352,7 @@ def test_sweep_goes_on_while_the_tracking_server_is_down(cluster, sweep_data, tm
     with ExitStack() as stack:
         server = stack.enter_context(mlflow_server(tmp_path / "server", port=port))
         client = mlflow_client(server.url)
-        overrides = {**OVERRIDES, "train.base.epochs": 2, "train.refiner.epochs": 3, "train.refiner.iters_per_epoch": 25}
+        overrides = {**OVERRIDES, "train.base.epochs": 2, "train.refiner.epochs": 3, "train.refiner.iters_per_epoch": 80}
         spec = write_spec(tmp_path / "outage.yaml", sweep_data, tmp_path / "sweeps", server.url, num_trials=3,
                           max_concurrent=1, base={"profile": "tiny", "overrides": overrides})
         out = tmp_path / "outage.json"

@@ -9,13 +9,17 @@ from typing import Any
 
 from bench.methods.autoencoder import Autoencoder
 from bench.methods.base import FitData, Method, MethodInfo
-from bench.methods.drdc import DRDCMethod, ReverseDiffusion, SharedDRDC
+from bench.methods.drdc import REFINE_ALL, DRDCMethod, ReverseDiffusion, SharedDRDC, budget_methods
 from dcad.core.errors import DcadError
 
 METHOD_NAMES: tuple[str, ...] = (
     "drdc",
     "drdc_base_only",
     "drdc_refine_only",
+    "drdc_refine_all",
+    "drdc_windows2",
+    "drdc_window64",
+    "drdc_cascade",
     "reverse_diffusion",
     "autoencoder",
     "anomalib_padim",
@@ -30,7 +34,7 @@ ANOMALIB_CLASSES = {"anomalib_padim": "AnomalibPadim", "anomalib_patchcore": "An
 class MethodOptions:
     autoencoder_iterations: int = 500
     reverse_steps: int = 50
-    reverse_max_images: int | None = 24  # the reverse chain costs ~25× DRDC: evaluated on a subset
+    reverse_max_images: int | None = 24  # the reverse chain takes ~130× DRDC's time: evaluated on a subset
     drdc_model: Path | None = None  # a model directory trained on the same data, instead of training
     stfpm_iterations: int = 100  # anomalib_stfpm's student training budget (batch 16)
 
@@ -51,7 +55,8 @@ def build_methods(names: list[str], options: MethodOptions) -> list[Method]:
     factories = {
         "drdc": lambda: DRDCMethod(shared, "full"),
         "drdc_base_only": lambda: DRDCMethod(shared, "base_only"),
-        "drdc_refine_only": lambda: DRDCMethod(shared, "refine_only"),
+        "drdc_refine_only": lambda: DRDCMethod(shared, "refine_only", REFINE_ALL),
+        **budget_methods(shared),
         "reverse_diffusion": lambda: ReverseDiffusion(shared, options.reverse_steps, options.reverse_max_images),
         "autoencoder": lambda: Autoencoder(iterations=options.autoencoder_iterations),
         "anomalib_padim": lambda: anomalib_method("anomalib_padim"),

@@ -40,6 +40,7 @@ class MethodInfo:
     description: str
     multi_class: bool  # one model for every category
     note: str = ""
+    budget_curve: bool = False  # a point of DRDC's refinement-budget curve only (left out of the main tables)
 
 
 class Method(Protocol):

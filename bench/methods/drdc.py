@@ -27,10 +27,11 @@ from torch.utils.data import Subset
 from bench.measure import Measurement, measured
 from bench.methods.base import FitData, MethodInfo
 from bench.refiner_vs_reverse_diffusion import reverse_diffusion_variant
-from dcad.core.config import Ablation
+from dcad.core.config import Ablation, RefinementBudget
 from dcad.core.errors import ModelError
 from dcad.core.model.drdc import DRDC
 from dcad.core.model.model_dir import load_model, read_metadata
+from dcad.train.calibrate import calibrate
 from dcad.train.pipeline import TrainHooks, train_drdc
 
 
@@ -83,43 +84,95 @@ def ablation_view(model: DRDC, mode: str) -> DRDC:
     return view
 
 
+def budget_view(model: DRDC, budget: dict, data: FitData, batch_size: int) -> DRDC:
+    """The same trained modules under another `refiner.budget`, with their own calibration fitted on the
+    validation split (refinement statistics and thresholds depend on which pixels are refined)."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)  # so that the view's calibration does not replace the model's
+    view.calibration = copy.deepcopy(model.calibration)
+    view.cfg = model.cfg.model_copy(deep=True)
+    view.cfg.refiner.budget = RefinementBudget(**budget)
+    calibrate(view, data.val, batch_size, data.device)
+    return view
+
+
 def unet_passes(cfg, timesteps: int, steps: int) -> int:
     """UNet evaluations per image: timesteps × scales × groups × steps (× 2 with classifier-free guidance)."""
     guided = 2 if cfg.class_conditioning and cfg.guidance_scale != 1.0 else 1
     return timesteps * len(cfg.patch_sizes) * cfg.groups * steps * guided
 
 
+REFINE_ALL: dict = {}  # refine every pixel of every image
+BUDGET_CURVE = {  # refiner.budget of each point of the curve (besides the profile's own and refine-all)
+    "drdc_windows2": {"windows": 2, "window_size": 48},
+    "drdc_window64": {"windows": 1, "window_size": 64},
+    "drdc_cascade": {"windows": 1, "window_size": 48, "skip_quantile": 0.5},
+}
+
+
 class DRDCMethod:
-    """DRDC with `ablation.mode` = full | base_only | refine_only."""
+    """DRDC with `ablation.mode` = full | base_only | refine_only, under the profile's refinement budget or
+    another one (`budget`, a `refiner.budget` mapping; re-calibrated on validation)."""
 
     batch_size = 16
     _INFO = {
         "full": MethodInfo("DRDC: transformer base map fused with one-step diffusion inpainting refinement", True),
         "base_only": MethodInfo("DRDC base branch only (UniAD-like feature reconstruction)", True,
                                 note="same model as drdc, evaluated with ablation.mode=base_only"),
-        "refine_only": MethodInfo("DRDC refinement maps only (base map still guides the denoiser)", True,
-                                  note="same model as drdc, evaluated with ablation.mode=refine_only"),
+        "refine_only": MethodInfo("DRDC refinement maps alone, every pixel refined (the base map still guides the "
+                                  "denoiser)", True, note="same model as drdc, ablation.mode=refine_only, "
+                                  "refiner.budget off"),
     }
 
-    def __init__(self, shared: SharedDRDC, mode: str = "full") -> None:
-        self.shared, self.mode = shared, mode
-        self.name = "drdc" if mode == "full" else f"drdc_{mode}"
-        self.info = self._INFO[mode]
+    def __init__(self, shared: SharedDRDC, mode: str = "full", budget: dict | None = None, name: str | None = None,
+                 info: MethodInfo | None = None) -> None:
+        self.shared, self.mode, self.budget = shared, mode, budget
+        self.name = name or ("drdc" if mode == "full" else f"drdc_{mode}")
+        self.info = info or self._INFO[mode]
         self.training: Measurement | None = None
+        self.refined = torch.zeros(3)  # refined pixels, all pixels, refined images
 
     def fit(self, data: FitData) -> None:
         model = self.shared.get(data)
-        self.view = ablation_view(model, self.mode)
         self.batch_size = data.cfg.train.eval_batch_size
+        if self.budget is not None and self.mode != "base_only":
+            model = budget_view(model, self.budget, data, self.batch_size)
+        self.view = ablation_view(model, self.mode)
         seconds = self.shared.base_seconds if self.mode == "base_only" else self.shared.training.seconds
         self.training = Measurement(seconds, self.shared.training.peak_rss_delta_mb)
-        refiner = data.cfg.refiner
+        refiner = self.view.cfg.refiner
         self.unet_passes = 0 if self.mode == "base_only" else unet_passes(refiner, len(refiner.timesteps), refiner.ddim_steps)
 
     @torch.no_grad()
     def predict(self, images: Tensor, categories: list[str]) -> tuple[Tensor, Tensor]:
         pred = self.view(images, self.view.category_indices(categories))
+        if pred.refine_maps is not None:
+            refined = pred.refine_maps.isfinite()
+            self.refined += torch.tensor([refined.sum(), refined.numel(), refined.flatten(1).any(1).sum()]).float()
         return pred.image_score, pred.anomaly_map[:, 0]
+
+    def refined_fractions(self, images: int) -> tuple[float, float]:
+        """(share of test pixels, share of test images) the refinement saw since `fit`."""
+        if self.mode == "base_only":
+            return 0.0, 0.0
+        pixels, total, refined_images = self.refined.tolist()
+        return pixels / max(total, 1.0), refined_images / max(images, 1)
+
+
+def budget_methods(shared: SharedDRDC) -> dict:
+    """The always-refine model and the budget-curve points, as method factories."""
+    def curve_info(budget: dict) -> MethodInfo:
+        shown = ", ".join(f"{k}={v}" for k, v in budget.items())
+        return MethodInfo(f"DRDC, refiner.budget {shown}", True, note="same model as drdc, re-calibrated",
+                          budget_curve=True)
+
+    factories = {"drdc_refine_all": lambda: DRDCMethod(
+        shared, "full", REFINE_ALL, "drdc_refine_all",
+        MethodInfo("DRDC refining every pixel of every image (refiner.budget off)", True,
+                   note="same model as drdc, re-calibrated"))}
+    for name, budget in BUDGET_CURVE.items():
+        factories[name] = lambda name=name, budget=budget: DRDCMethod(shared, "full", budget, name, curve_info(budget))
+    return factories
 
 
 class ReverseDiffusion:

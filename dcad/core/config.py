@@ -80,6 +80,27 @@ class SchedulerConfig(_Strict):
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
 
 
+class RefinementBudget(_Strict):
+    """Which images and pixels the refinement branch spends its UNet passes on (adaptive refinement).
+
+    The default (``windows: 0``, ``skip_quantile: 0``) refines every pixel of every image. With ``windows: K``
+    the denoiser inpaints only K windows per image, centred on the base map's strongest responses (the only
+    places where the gated fusion lets the refinement count); elsewhere the refinement map is "normal"
+    (standardised value 0). With ``skip_quantile: q`` an image whose base image score lies below the q-quantile
+    of the normal validation images' is not refined at all (a cascade: the base branch is already sure).
+    """
+
+    windows: int = Field(0, ge=0, description="Windows refined per image at the base map's peaks (0: the whole image).")
+    window_size: int = Field(48, ge=8, description="Side of a window, px (a multiple of the largest patch size).")
+    skip_quantile: float = Field(
+        0.0, ge=0.0, le=1.0, description="Cascade: skip images whose base score is below this quantile of normal "
+        "validation images' (0: refine every image).")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.windows > 0 or self.skip_quantile > 0
+
+
 class RefinerConfig(_Strict):
     enabled: bool = True
     unet: UNetConfig = Field(default_factory=UNetConfig)
@@ -109,6 +130,10 @@ class RefinerConfig(_Strict):
         "pixels", description="Refinement map: band-passed pixels of x and x̂, or 1 − cosine of the backbone's "
         "earliest stages of x and x̂ (`compare_stages` of them).")
     compare_stages: int = Field(1, ge=1, description="features: how many of the earliest backbone stages to compare.")
+    budget: RefinementBudget = Field(default_factory=RefinementBudget)
+    precision: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="Denoiser arithmetic at inference: bfloat16 autocast, or auto (bfloat16 where the "
+        "hardware has it: CUDA with bf16, CPUs with AVX512-BF16/AMX; float32 elsewhere).")
     train_timestep_max: int | None = Field(
         None, ge=2, description="Train on t ~ U[1, this) instead of the full schedule (None: num_train_timesteps)."
     )

@@ -7,10 +7,13 @@ image and pixel thresholds maximise F1 over all of it.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dcad.core.config import RefinementBudget
 from dcad.core.errors import DatasetError
 from dcad.core.inference import loader_for, predict_batches
 from dcad.core.metrics import f1_max_threshold
@@ -45,18 +48,42 @@ def fit_base_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) 
     std = max((total_sq / count - mean**2) ** 0.5, 1e-8)
     model.calibration.base_mean.fill_(mean)
     model.calibration.base_std.fill_(std)
+    fit_refinement_cascade(model, dataset, batch_size, device)
+
+
+@torch.no_grad()
+def fit_refinement_cascade(model: DRDC, dataset: Dataset, batch_size: int, device) -> None:
+    """The base score below which an image is not refined: the `refiner.budget.skip_quantile`-quantile of the
+    normal validation images' base scores (−inf, refine every image, when the quantile is 0)."""
+    q = model.cfg.refiner.budget.skip_quantile
+    skip = model.calibration.refine_skip_score
+    if q <= 0 or not model.uses_refiner:
+        skip.fill_(float("-inf"))
+        return
+    scores = []
+    for batch in _normal_batches(dataset, batch_size):
+        feats = model.backbone(batch["image"].to(device))
+        base_z = model.calibration.standardise_base(model.base.anomaly_map(feats, model.base(feats), model.image_size))
+        scores.append(model.base_scores(base_z).cpu())
+    skip.fill_(float(torch.quantile(torch.cat(scores).double(), q)))
 
 
 @torch.no_grad()
 def fit_refinement_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) -> None:
+    """Mean and std of the refinement maps over every pixel of the normal validation images, whatever
+    `refiner.budget` says: a pixel the budget refines then gets the value the always-refine model gives it
+    (window statistics, taken where the base map peaks, standardised defects lower; validation chose this)."""
     if not model.uses_refiner:
         return
+    everywhere = copy.copy(model)  # same modules and calibration, no budget
+    everywhere.cfg = model.cfg.model_copy(deep=True)
+    everywhere.cfg.refiner.budget = RefinementBudget()
 
     def maps():
         for batch in _normal_batches(dataset, batch_size):
             images = batch["image"].to(device)
             cats = batch["category_index"].to(device)
-            _, _, refine_maps, _ = model.raw_maps(images, cats)
+            _, _, refine_maps, _ = everywhere.raw_maps(images, cats)
             yield refine_maps, cats
 
     model.calibration.refine.fit(maps())

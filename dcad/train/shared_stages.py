@@ -33,7 +33,7 @@ Stage = Literal["features", "base", "refiner", "rescore"]
 STAGES: tuple[Stage, ...] = ("features", "base", "refiner", "rescore")
 FEATURE_KEYS = ("data.", "backbone.")
 # The inference timesteps and fusion statistics are fitted by calibration; the refiner's weights never see them.
-RESCORE_KEYS = (*INFERENCE_KEYS, "refiner.timesteps", "refiner.compare", "refiner.compare_stages", "fusion.",
+RESCORE_KEYS = (*INFERENCE_KEYS, "refiner.timesteps", "refiner.budget.", "refiner.compare", "refiner.compare_stages", "fusion.",
                 "train.val_max_images")
 REFINER_KEYS = ("refiner.", "train.refiner.", "train.validate_refiner")
 IGNORED_KEYS = ("profile",)

@@ -7,18 +7,20 @@ anomaly map and the image score. Normalisation statistics and thresholds live in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dcad.core.config import DCADConfig, FusionConfig
+from dcad.core.config import ConfigError, DCADConfig, FusionConfig
 from dcad.core.errors import ModelError
 from dcad.core.model.backbone import FeatureExtractor
 from dcad.core.model.base_branch import BaseReconstructor
 from dcad.core.model.denoiser import Denoiser, build_scheduler
 from dcad.core.model.fusion import RefinementStats, fuse, gaussian_blur, image_score
-from dcad.core.model.inpainting import InpaintingRefiner
+from dcad.core.model.inpainting import InpaintingRefiner, fixed_noise
+from dcad.core.model.windows import crop_windows, paste_windows, peak_windows
 
 
 @dataclass
@@ -42,6 +44,12 @@ class Calibration(nn.Module):
         self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
         self.register_buffer("image_min", torch.tensor(float("nan")))
         self.register_buffer("image_max", torch.tensor(float("nan")))
+        # Cascade (refiner.budget.skip_quantile): images whose base score is below this are not refined.
+        self.register_buffer("refine_skip_score", torch.tensor(float("-inf")))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict.setdefault(prefix + "refine_skip_score", torch.tensor(float("-inf")))  # models saved before it
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def standardise_base(self, base_map: Tensor) -> Tensor:
         return (base_map - self.base_mean) / self.base_std.clamp_min(1e-8)
@@ -61,6 +69,9 @@ class DRDC(nn.Module):
         super().__init__()
         if not categories:
             raise ValueError("DRDC needs at least one category")
+        if cfg.refiner.budget.windows and cfg.fusion.stats == "pixel":
+            raise ConfigError("refiner.budget.windows needs fusion.stats=scalar (per-pixel statistics need every pixel "
+                              "refined)")
         self.cfg = cfg
         self.categories = list(categories)
         self.backbone = FeatureExtractor(cfg.backbone, cfg.data.image_size)
@@ -106,13 +117,50 @@ class DRDC(nn.Module):
         category_index = category_index.to(images.device)
         base_map = self.base.anomaly_map(feats, self.base(feats), self.image_size)
         base_z = self.calibration.standardise_base(base_map)
-        refine_maps = None
-        if self.uses_refiner:
-            refiner = self.refiner()
-            guidance = base_z if self.cfg.refiner.base_map_channel else None
-            inpainted = refiner.inpaint(images, guidance, self.class_labels(category_index))
-            refine_maps = self.compare(images, inpainted, refiner)
+        refine_maps = self.refinement(images, base_z, category_index) if self.uses_refiner else None
         return base_map, base_z, refine_maps, category_index
+
+    def base_scores(self, base_z: Tensor) -> Tensor:
+        """Image scores [B] of the base branch alone (what `ablation.mode=base_only` reports)."""
+        return image_score(gaussian_blur(base_z, self.cfg.fusion.blur_sigma), self.cfg.fusion.pool_kernel)
+
+    @torch.no_grad()
+    def refinement(self, images: Tensor, base_z: Tensor, category_index: Tensor) -> Tensor:
+        """Raw refinement maps [B,T,S,H,W] within `refiner.budget`; NaN where a pixel was not refined."""
+        refiner, budget = self.refiner(), self.cfg.refiner.budget
+        if not budget.adaptive:
+            return self._refine(images, base_z, category_index, refiner)
+        b, _, h, w = images.shape
+        cfg = self.cfg.refiner
+        out = images.new_full((b, len(cfg.timesteps), len(cfg.patch_sizes), h, w), float("nan"))
+        chosen = torch.arange(b, device=images.device)
+        if budget.skip_quantile > 0:
+            chosen = (self.base_scores(base_z) >= self.calibration.refine_skip_score).nonzero()[:, 0]
+        if len(chosen) == 0:
+            return out
+        images, base_z, category_index = images[chosen], base_z[chosen], category_index[chosen]
+        if budget.windows == 0:
+            out[chosen] = self._refine(images, base_z, category_index, refiner)
+            return out
+        size = budget.window_size
+        corners = peak_windows(base_z, budget.windows, size, self.window_align)
+        noise = fixed_noise(cfg.seed, h, w, images.device, torch.float32).expand(len(chosen), 3, h, w)
+        maps = self._refine(crop_windows(images, corners, size), crop_windows(base_z, corners, size),
+                            category_index.repeat_interleave(budget.windows), refiner,
+                            noise=crop_windows(noise, corners, size), area_ratio=h * w / size**2)
+        out[chosen] = paste_windows(maps, corners, h, w)
+        return out
+
+    @property
+    def window_align(self) -> int:
+        """Windows start on multiples of this, so their inpainting cells are the whole image's cells."""
+        return math.lcm(max(self.cfg.refiner.patch_sizes), self.denoiser.size_multiple)
+
+    def _refine(self, images: Tensor, base_z: Tensor, category_index: Tensor, refiner: InpaintingRefiner,
+                noise: Tensor | None = None, area_ratio: float = 1.0) -> Tensor:
+        guidance = base_z if self.cfg.refiner.base_map_channel else None
+        inpainted = refiner.inpaint(images, guidance, self.class_labels(category_index), noise, area_ratio)
+        return self.compare(images, inpainted, refiner)
 
     @torch.no_grad()
     def compare(self, images: Tensor, inpainted: Tensor, refiner: InpaintingRefiner) -> Tensor:
@@ -170,6 +218,7 @@ INFERENCE_KEYS = (
     "refiner.guidance_scale",
     "refiner.ddim_steps",
     "refiner.max_batch",
+    "refiner.precision",
     "train.eval_batch_size",
 )
 

@@ -21,6 +21,7 @@ from dcad.core.config import RefinerConfig
 from dcad.core.errors import ModelError
 from dcad.core.model.denoiser import Denoiser, build_scheduler, predict_eps, predict_x0, q_sample
 from dcad.core.model.fusion import gaussian_blur
+from dcad.core.model.precision import uses_bfloat16
 
 
 # ---- masks -------------------------------------------------------------------------------------------
@@ -110,13 +111,18 @@ class InpaintingRefiner:
 
     # -- inpainting --
     @torch.no_grad()
-    def inpaint(self, images: Tensor, base_maps: Tensor | None, class_labels: Tensor | None) -> Tensor:
-        """images [B,3,H,W] in [0,1] → inpainted x̂ [B,T,S,3,H,W] in [0,1] (all groups pasted)."""
+    def inpaint(self, images: Tensor, base_maps: Tensor | None, class_labels: Tensor | None,
+                noise: Tensor | None = None, area_ratio: float = 1.0) -> Tensor:
+        """images [B,3,H,W] in [0,1] → inpainted x̂ [B,T,S,3,H,W] in [0,1] (all groups pasted).
+
+        `noise` [B,3,H,W] replaces the fixed noise field (windows of an image take their part of the image's
+        field); `area_ratio` > 1 says the images are windows that many times smaller than a whole image, so
+        each UNet call takes that many times more of them (`max_batch` counts whole images)."""
         self._check_images(images)
         was_training = self.denoiser.training
         self.denoiser.eval()
         try:
-            return self._inpaint(images, base_maps, class_labels)
+            return self._inpaint(images, base_maps, class_labels, noise, area_ratio)
         finally:
             self.denoiser.train(was_training)
 
@@ -125,13 +131,16 @@ class InpaintingRefiner:
             raise ModelError(f"refiner expects images [B,3,H,W], got {list(images.shape)}")
         self.denoiser.check_size(*images.shape[-2:])
 
-    def _inpaint(self, images: Tensor, base_maps: Tensor | None, class_labels: Tensor | None) -> Tensor:
+    def _inpaint(self, images: Tensor, base_maps: Tensor | None, class_labels: Tensor | None, noise: Tensor | None,
+                 area_ratio: float) -> Tensor:
         device = next(self.denoiser.parameters()).device
         x = images.to(device=device, dtype=torch.float32) * 2.0 - 1.0
         b, _, h, w = x.shape
         cfg = self.cfg
         masks = torch.cat([inpainting_masks(h, w, s, cfg.groups) for s in cfg.patch_sizes]).to(device)  # [S·G,1,H,W]
-        noise = fixed_noise(cfg.seed, h, w, device, x.dtype)
+        if noise is None:
+            noise = fixed_noise(cfg.seed, h, w, device, x.dtype)
+        noise = noise.to(device=device, dtype=x.dtype).expand(b, 3, h, w)
         base = base_maps.to(device=device, dtype=x.dtype) if base_maps is not None else None
         labels = class_labels.to(device) if class_labels is not None else None
         # Every UNet sample is one (τ, s, g, image); flattened τ-major, image-minor.
@@ -139,13 +148,13 @@ class InpaintingRefiner:
         combos = torch.arange(n_t * n_sg * b, device=device)
         t_idx, sg_idx, img_idx = combos // (n_sg * b), (combos // b) % n_sg, combos % b
         timesteps = torch.tensor(cfg.timesteps, device=device)
-        per_call = max(1, cfg.max_batch // (2 if self.use_guidance else 1))
+        per_call = max(1, int(cfg.max_batch * max(1.0, area_ratio)) // (2 if self.use_guidance else 1))
         pasted = torch.zeros(n_t, n_sg, b, 3, h, w, device=device)
         for chunk in torch.split(torch.arange(len(combos), device=device), per_call):
             ti, sgi, bi = t_idx[chunk], sg_idx[chunk], img_idx[chunk]
             m = masks[sgi]
             x0_hat = self._predict_clean(
-                x[bi], noise, timesteps[ti], m, None if base is None else base[bi], None if labels is None else labels[bi]
+                x[bi], noise[bi], timesteps[ti], m, None if base is None else base[bi], None if labels is None else labels[bi]
             )
             pasted[ti, sgi, bi] = x0_hat * m
         pasted = pasted.reshape(n_t, len(cfg.patch_sizes), cfg.groups, b, 3, h, w).sum(dim=2)
@@ -154,7 +163,7 @@ class InpaintingRefiner:
     def _predict_clean(self, x: Tensor, noise: Tensor, tau: Tensor, mask: Tensor, base: Tensor | None, labels: Tensor | None) -> Tensor:
         """x̂0 of one chunk: from x_τ in one step, or by deterministic DDIM steps (known region re-noised)."""
         ac = self.alphas_cumprod
-        x_t = q_sample(x, noise.expand_as(x), tau, ac)
+        x_t = q_sample(x, noise, tau, ac)
         context = x * (1.0 - mask)
         n = self.cfg.ddim_steps
         schedule = torch.tensor([ddim_schedule(int(t), n) for t in tau.tolist()], device=x.device)  # [N, n]
@@ -165,13 +174,16 @@ class InpaintingRefiner:
                 break
             t_next = schedule[:, k + 1]
             moved = q_sample(x0, predict_eps(x0, x_t, t, ac), t_next, ac)  # DDIM, η = 0
-            x_t = mask * moved + (1.0 - mask) * q_sample(x, noise.expand_as(x), t_next, ac)
+            x_t = mask * moved + (1.0 - mask) * q_sample(x, noise, t_next, ac)
         return x0
 
     def _model(self, x_t: Tensor, t: Tensor, context: Tensor, mask: Tensor, base: Tensor | None, labels: Tensor | None) -> Tensor:
-        if self.use_guidance:
-            return self.denoiser.guided(x_t, t, context, mask, base, labels, self.cfg.guidance_scale)
-        return self.denoiser(x_t, t, context, mask, base, labels)
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=uses_bfloat16(self.cfg.precision, x_t.device)):
+            if self.use_guidance:
+                out = self.denoiser.guided(x_t, t, context, mask, base, labels, self.cfg.guidance_scale)
+            else:
+                out = self.denoiser(x_t, t, context, mask, base, labels)
+        return out.float()
 
     # -- comparison --
     def refinement_maps(self, images: Tensor, inpainted: Tensor) -> Tensor:
