@@ -185,6 +185,7 @@ class RunTracker:
         self.writes = WriteBuffer(redact(uri))
         self.gave_up: str | None = None  # set by `finish` when kept writes never reached the store
         self.model_uri: str | None = None
+        self._epoch_steps: dict[str, set[int]] | None = None  # (metric, step) pairs the run has, for log_epoch
 
     @property
     def lost(self) -> str | None:
@@ -238,8 +239,20 @@ class RunTracker:
             self._write("log metrics", self.client.log_batch, self.run_id, metrics=chunk)
 
     def log_epoch(self, report) -> None:
-        """Per-epoch training and validation metrics of a stage (an `EpochReport`)."""
-        self.log_metrics({f"{report.stage}_{k}": v for k, v in report.metrics.items()}, step=report.epoch)
+        """Per-epoch training and validation metrics of a stage (an `EpochReport`). An epoch that runs again
+        (workers restarted from an earlier checkpoint after a node was lost) is not logged a second time."""
+        if self._epoch_steps is None:
+            try:
+                self._epoch_steps = self._logged_steps()
+            except Exception:  # the store is away: log everything (its writes are kept and replayed)
+                self._epoch_steps = {}
+        metrics = {}
+        for name, value in report.metrics.items():
+            key = metric_key(f"{report.stage}_{name}")
+            if report.epoch not in self._epoch_steps.setdefault(key, set()):
+                self._epoch_steps[key].add(report.epoch)
+                metrics[key] = value
+        self.log_metrics(metrics, step=report.epoch)
 
     def log_history(self, history: list[dict]) -> None:
         """Per-epoch metrics from `history.json`, skipping (key, step) pairs the run already has (read when
