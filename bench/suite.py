@@ -153,7 +153,7 @@ def run_method(method: Method, fit_data: FitData, test: InMemory, batch_cap: int
         "refined_image_fraction": None,
     }
     if hasattr(method, "refined_fractions"):
-        speed["refined_pixel_fraction"], speed["refined_image_fraction"] = method.refined_fractions(len(subset) + 1)
+        speed["refined_pixel_fraction"], speed["refined_image_fraction"] = method.refined_fractions()
     result = {"quality": quality(subset, scores, maps) | {"test_images": len(subset)}, "speed": speed}
     return result, maps[[chosen.index(i) for i in keep]]
 

@@ -87,10 +87,7 @@ def ablation_view(model: DRDC, mode: str) -> DRDC:
 def budget_view(model: DRDC, budget: dict, data: FitData, batch_size: int) -> DRDC:
     """The same trained modules under another `refiner.budget`, with their own calibration fitted on the
     validation split (refinement statistics and thresholds depend on which pixels are refined)."""
-    view = copy.copy(model)
-    view._modules = dict(model._modules)  # so that the view's calibration does not replace the model's
-    view.calibration = copy.deepcopy(model.calibration)
-    view.cfg = model.cfg.model_copy(deep=True)
+    view = copy.deepcopy(model)  # its calibration is re-fitted: the shared model's must stay as it is
     view.cfg.refiner.budget = RefinementBudget(**budget)
     calibrate(view, data.val, batch_size, data.device)
     return view
@@ -130,7 +127,7 @@ class DRDCMethod:
         self.name = name or ("drdc" if mode == "full" else f"drdc_{mode}")
         self.info = info or self._INFO[mode]
         self.training: Measurement | None = None
-        self.refined = torch.zeros(3)  # refined pixels, all pixels, refined images
+        self.refined = torch.zeros(4)  # refined pixels, all pixels, refined images, images
 
     def fit(self, data: FitData) -> None:
         model = self.shared.get(data)
@@ -148,15 +145,16 @@ class DRDCMethod:
         pred = self.view(images, self.view.category_indices(categories))
         if pred.refine_maps is not None:
             refined = pred.refine_maps.isfinite()
-            self.refined += torch.tensor([refined.sum(), refined.numel(), refined.flatten(1).any(1).sum()]).float()
+            self.refined += torch.tensor([refined.sum(), refined.numel(), refined.flatten(1).any(1).sum(),
+                                          len(refined)]).float()
         return pred.image_score, pred.anomaly_map[:, 0]
 
-    def refined_fractions(self, images: int) -> tuple[float, float]:
-        """(share of test pixels, share of test images) the refinement saw since `fit`."""
+    def refined_fractions(self) -> tuple[float, float]:
+        """(share of pixels, share of images) the refinement saw among those predicted since `fit`."""
         if self.mode == "base_only":
             return 0.0, 0.0
-        pixels, total, refined_images = self.refined.tolist()
-        return pixels / max(total, 1.0), refined_images / max(images, 1)
+        pixels, total, refined_images, images = self.refined.tolist()
+        return pixels / max(total, 1.0), refined_images / max(images, 1.0)
 
 
 def budget_methods(shared: SharedDRDC) -> dict:

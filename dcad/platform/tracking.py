@@ -246,13 +246,7 @@ class RunTracker:
                 self._epoch_steps = self._logged_steps()
             except Exception:  # the store is away: log everything (its writes are kept and replayed)
                 self._epoch_steps = {}
-        metrics = {}
-        for name, value in report.metrics.items():
-            key = metric_key(f"{report.stage}_{name}")
-            if report.epoch not in self._epoch_steps.setdefault(key, set()):
-                self._epoch_steps[key].add(report.epoch)
-                metrics[key] = value
-        self.log_metrics(metrics, step=report.epoch)
+        self.log_metrics(_unlogged(report.stage, report.epoch, report.metrics, self._epoch_steps), step=report.epoch)
 
     def log_history(self, history: list[dict]) -> None:
         """Per-epoch metrics from `history.json`, skipping (key, step) pairs the run already has (read when
@@ -267,10 +261,8 @@ class RunTracker:
         items = []
         for entry in history:
             stage, epoch = entry.get("stage"), int(entry.get("epoch", 0))
-            for k, v in entry.items():
-                key = metric_key(f"{stage}_{k}")
-                if k not in ("stage", "epoch") and _is_number(v) and epoch not in have.get(key, set()):
-                    items.append(Metric(key, float(v), now, epoch))
+            metrics = {k: v for k, v in entry.items() if k not in ("stage", "epoch")}
+            items += [Metric(key, value, now, epoch) for key, value in _unlogged(stage, epoch, metrics, have).items()]
         for chunk in _chunks(items, BATCH_LIMIT):
             self.client.log_batch(self.run_id, metrics=chunk)
 
@@ -376,6 +368,18 @@ def _chunks(items: list, size: int) -> list[list]:
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text if len(text) <= PARAM_VALUE_LIMIT else text[: PARAM_VALUE_LIMIT - 3] + "..."
+
+
+def _unlogged(stage: str, epoch: int, metrics: dict[str, Any], have: dict[str, set[int]]) -> dict[str, float]:
+    """`{stage}_{name}` → value of the numeric metrics whose step `epoch` is not in `have` (metric key → steps
+    the run has), which records them: an epoch reported again is logged once."""
+    out = {}
+    for name, value in metrics.items():
+        key = metric_key(f"{stage}_{name}")
+        if _is_number(value) and epoch not in have.setdefault(key, set()):
+            have[key].add(epoch)
+            out[key] = float(value)
+    return out
 
 
 def _is_number(value: Any) -> bool:

@@ -31,11 +31,18 @@ def _normal_batches(dataset: Dataset, batch_size: int):
 
 @torch.no_grad()
 def fit_base_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) -> None:
+    """Mean and std of the base map over the normal validation images, then (from the same maps) the
+    refinement cascade's threshold."""
     total, total_sq, count = 0.0, 0.0, 0
+    cascade = model.uses_refiner and model.cfg.refiner.budget.skip_quantile > 0
+    base_maps = []
     for batch in _normal_batches(dataset, batch_size):
         images = batch["image"].to(device)
         feats = model.backbone(images)
-        base_map = model.base.anomaly_map(feats, model.base(feats), model.image_size).double()
+        base_map = model.base.anomaly_map(feats, model.base(feats), model.image_size)
+        if cascade:
+            base_maps.append(base_map)
+        base_map = base_map.double()
         total += base_map.sum().item()
         total_sq += (base_map**2).sum().item()
         count += base_map.numel()
@@ -48,23 +55,20 @@ def fit_base_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) 
     std = max((total_sq / count - mean**2) ** 0.5, 1e-8)
     model.calibration.base_mean.fill_(mean)
     model.calibration.base_std.fill_(std)
-    fit_refinement_cascade(model, dataset, batch_size, device)
+    fit_refinement_cascade(model, base_maps)
 
 
 @torch.no_grad()
-def fit_refinement_cascade(model: DRDC, dataset: Dataset, batch_size: int, device) -> None:
+def fit_refinement_cascade(model: DRDC, base_maps: list[torch.Tensor]) -> None:
     """The base score below which an image is not refined: the `refiner.budget.skip_quantile`-quantile of the
-    normal validation images' base scores (−inf, refine every image, when the quantile is 0)."""
+    base scores of the normal validation images (their raw base maps, `base_maps`); −inf, refine every image,
+    when the quantile is 0."""
     q = model.cfg.refiner.budget.skip_quantile
     skip = model.calibration.refine_skip_score
-    if q <= 0 or not model.uses_refiner:
+    if q <= 0 or not model.uses_refiner or not base_maps:
         skip.fill_(float("-inf"))
         return
-    scores = []
-    for batch in _normal_batches(dataset, batch_size):
-        feats = model.backbone(batch["image"].to(device))
-        base_z = model.calibration.standardise_base(model.base.anomaly_map(feats, model.base(feats), model.image_size))
-        scores.append(model.base_scores(base_z).cpu())
+    scores = [model.base_scores(model.calibration.standardise_base(m)).cpu() for m in base_maps]
     skip.fill_(float(torch.quantile(torch.cat(scores).double(), q)))
 
 
