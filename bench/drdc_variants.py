@@ -71,7 +71,6 @@ def rescore_variant(name: str, overrides: list[str], args) -> dict:
     model = load_model(args.model)
     data = apply_overrides(model.cfg.model_dump(mode="json"), dict(parse_override(o) for o in overrides))
     model.cfg = DCADConfig.from_dict(data, "--variant")
-    model.uses_refiner = model.denoiser is not None and model.cfg.ablation.mode != "base_only"
     splits = prepare(Path(args.cache), synth_spec(model.cfg.data.image_size, args), args.seed, model.cfg).splits
     start = time.perf_counter()
     calibrate(model, splits.val, 32, "cpu")

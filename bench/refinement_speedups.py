@@ -91,8 +91,9 @@ def variant(model: DRDC, on: set[str]) -> DRDC:
     cfg.refiner.budget = RefinementBudget(windows=1, window_size=48) if "windows" in on else RefinementBudget()
     cfg.refiner.precision = "bfloat16" if "bfloat16" in on else "float32"
     cfg.ablation.mode = "full"
-    view.cfg, view.uses_refiner = cfg, True
-    view.calibration = Calibration(len(cfg.refiner.timesteps), len(cfg.refiner.patch_sizes), cfg.fusion)
+    view.cfg = cfg
+    view.calibration = Calibration(len(cfg.refiner.timesteps), len(cfg.refiner.patch_sizes), len(view.categories),
+                                   view.image_size, cfg.fusion)
     return view
 
 
@@ -131,7 +132,6 @@ def main() -> None:
     batches = [(b["image"], b["category_index"]) for b in loader_for(val, 16)]
     base = copy.copy(model)
     base.cfg = model.cfg.model_copy(update={"ablation": model.cfg.ablation.model_copy(update={"mode": "base_only"})})
-    base.uses_refiner = False
     rows = {"base_only": ms_per_image(base, batches, args.repeats)}
     print(f"base_only {rows['base_only']:.1f} ms/image", flush=True)
     plan = [("before", set())] + [(f"{s} alone", {s}) for s in SPEEDUPS]

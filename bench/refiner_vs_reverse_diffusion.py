@@ -44,7 +44,7 @@ def reverse_diffusion_variant(model: DRDC, val, start_timestep: int, steps: int,
     cfg.refiner.timesteps, cfg.refiner.ddim_steps, cfg.fusion.weights = [start_timestep], steps, None
     cfg.refiner.budget = RefinementBudget()  # the classic detector reconstructs every pixel of every image
     variant.cfg = cfg
-    calibration = Calibration(1, len(cfg.refiner.patch_sizes), cfg.fusion)
+    calibration = Calibration(1, len(cfg.refiner.patch_sizes), len(variant.categories), variant.image_size, cfg.fusion)
     calibration.base_mean.copy_(model.calibration.base_mean)
     calibration.base_std.copy_(model.calibration.base_std)
     variant.calibration = calibration

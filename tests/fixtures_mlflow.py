@@ -115,7 +115,7 @@ def train_args(data: Path, output: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> TrainedModel:
     """`dcad train` once per session, tracked in a local sqlite store."""
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     root = tmp_path_factory.mktemp("trained")
     data = synth_dataset(root / "data")

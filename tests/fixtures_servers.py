@@ -112,7 +112,7 @@ def moto_s3(workdir: Path) -> Iterator[ServerProcess]:
 
 
 def s3_client(endpoint: str):
-    from dcad.platform.s3 import s3_client as make
+    from dcad.platform.storage import s3_client as make
 
     keys = {k.lower(): v for k, v in S3_CREDENTIALS.items() if k != "AWS_DEFAULT_REGION"}
     return make(endpoint, region_name="us-east-1", **keys)

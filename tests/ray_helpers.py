@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dcad.platform.stack.procs import descendants, read_cmdline
+from fixtures_procs import descendants, read_cmdline
 from fixtures_servers import HOST, free_port
 
 NODE_START_TIMEOUT_S = 120

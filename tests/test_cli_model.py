@@ -131,10 +131,10 @@ def test_incompatible_model_directory(trained, tmp_path):
     from dcad.core.errors import ModelError
     from dcad.core.model.model_dir import load_model
 
+    import shutil
+
     copy = tmp_path / "model"
-    copy.mkdir()
-    for name in ("dcad_model.json", "config.yaml", "model.safetensors"):
-        (copy / name).write_bytes((trained.model_dir / name).read_bytes())
+    shutil.copytree(trained.model_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "report"))
     meta = json.loads((copy / "dcad_model.json").read_text())
     (copy / "dcad_model.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(ModelError, match="format version 99"):

@@ -82,3 +82,20 @@ def test_cli_version_and_config_error_exit_code(tmp_path):
     assert bad.returncode == 2
     assert "unknown key 'nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_scheduler_section_names_a_class_and_its_arguments(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("profile: tiny\nrefiner:\n  scheduler:\n    class_name: DDPMScheduler\n    num_train_timesteps: 500\n"
+                    "    variance_type: fixed_large\n")
+    cfg = load_config(config_path=path)
+    assert cfg.refiner.scheduler.class_name == "DDPMScheduler"
+    assert cfg.refiner.scheduler.scheduler_kwargs()["variance_type"] == "fixed_large"
+    assert load_config(profile="tiny").refiner.scheduler.class_name == "DDIMScheduler"  # the existing keys as before
+    assert DCADConfig.from_yaml(path).flat()["refiner.scheduler.num_train_timesteps"] == 500
+
+
+def test_configs_written_with_retired_keys_still_load():
+    data = load_config(profile="tiny").model_dump(mode="json")
+    data["data"]["num_workers"] = 4
+    assert "num_workers" not in DCADConfig.from_dict(data).data.model_dump()

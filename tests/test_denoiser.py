@@ -5,7 +5,8 @@ import torch
 
 from dcad.core.config import RefinerConfig
 from dcad.core.errors import ModelError
-from dcad.core.model.denoiser import Denoiser, build_scheduler, input_channels, predict_x0, q_sample
+from dcad.core.model.denoiser import Denoiser, input_channels
+from dcad.core.model.noise import build_scheduler, load_scheduler, predict_x0
 
 
 def tiny_cfg(**overrides) -> RefinerConfig:
@@ -89,7 +90,7 @@ def test_guidance_uses_one_unet_call():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
-def test_predict_x0_inverts_q_sampling(prediction_type, schedule):
+def test_predict_x0_inverts_add_noise(prediction_type, schedule):
     cfg = tiny_cfg(scheduler={"prediction_type": prediction_type, "beta_schedule": schedule})
     scheduler = build_scheduler(cfg.scheduler)
     g = torch.Generator().manual_seed(1)
@@ -97,10 +98,8 @@ def test_predict_x0_inverts_q_sampling(prediction_type, schedule):
     noise = torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([1, 100, 500, 900])
     x_t = scheduler.add_noise(x0, noise, t)
-    assert torch.allclose(q_sample(x0, noise, t, scheduler.alphas_cumprod), x_t, atol=1e-6)
     target = {"epsilon": noise, "sample": x0, "v_prediction": scheduler.get_velocity(x0, noise, t)}[prediction_type]
-    recovered = predict_x0(target, x_t, t, scheduler.alphas_cumprod, prediction_type)
-    assert torch.allclose(recovered, x0, atol=1e-3)
+    assert torch.allclose(predict_x0(scheduler, target, t, x_t), x0, atol=1e-3)
 
 
 def test_scheduler_follows_config():
@@ -109,6 +108,30 @@ def test_scheduler_follows_config():
     assert len(a.alphas_cumprod) == 1000 and len(b.alphas_cumprod) == 200
     assert b.config.beta_schedule == "squaredcos_cap_v2"
     assert torch.all(a.alphas_cumprod[1:] < a.alphas_cumprod[:-1])
+    assert type(a).__name__ == "DDIMScheduler" and not a.config.clip_sample
+
+
+def test_the_config_names_any_capable_scheduler_class(tmp_path):
+    cfg = tiny_cfg(scheduler={"class_name": "DDPMScheduler", "num_train_timesteps": 300, "variance_type": "fixed_large"})
+    scheduler = build_scheduler(cfg.scheduler)
+    assert type(scheduler).__name__ == "DDPMScheduler" and scheduler.config.variance_type == "fixed_large"
+    scheduler.save_config(tmp_path)
+    assert (tmp_path / "scheduler_config.json").is_file()
+    again = load_scheduler(tmp_path)
+    assert type(again).__name__ == "DDPMScheduler"
+    assert all(again.config[k] == v for k, v in scheduler.config.items() if not k.startswith("_"))
+
+
+@pytest.mark.parametrize("scheduler, needle", [
+    ({"class_name": "EulerDiscreteScheduler"}, "cannot do"),
+    ({"class_name": "UNet2DModel"}, "not a diffusers scheduler class"),
+    ({"class_name": "NoSuchScheduler"}, "not a diffusers scheduler class"),
+    ({"variance_typo": "fixed_small"}, "takes no variance_typo"),
+])
+def test_a_scheduler_the_refiner_cannot_use_is_refused_in_one_line(scheduler, needle):
+    with pytest.raises(ModelError, match=needle) as err:
+        build_scheduler(tiny_cfg(scheduler=scheduler).scheduler)
+    assert "\n" not in str(err.value)
 
 
 def test_size_not_a_multiple_is_a_clear_error():

@@ -9,7 +9,7 @@ import sys
 from fixtures_mlflow import run_dcad, sqlite_uri, synth_dataset, train_args
 from ray_helpers import run_dcad_process, start_dcad, wait_for
 
-from dcad.platform.store import mlflow_client
+from dcad.platform.mlflow_store import mlflow_client
 from dcad.platform.tracking import ORPHANED_TAG, TrackingOptions, end_orphaned_runs, start_run
 
 

@@ -56,7 +56,7 @@ def _hosts_the_trial(cluster, index: int) -> bool:
 
 def test_a_killed_worker_node_under_a_two_worker_trial(three_nodes, tmp_path):
     from dcad.core.data import synthesize
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     data = tmp_path / "data"
     synthesize(data, seed=0, size=64, categories=["brick", "hex_nut"], n_train=12, n_test=8)

@@ -9,9 +9,8 @@ import pytest
 from fixtures_mlflow import run_dcad
 from ray_helpers import start_dcad, wait_for
 
-from dcad.platform.registry import alias_history, alias_log
-from dcad.platform.registry_lock import lock_name, model_lock
-from dcad.platform.store import mlflow_client
+from dcad.platform.registry import alias_history, alias_log, lock_name, model_lock
+from dcad.platform.mlflow_store import mlflow_client
 
 pytestmark = pytest.mark.slow
 MODEL = "concurrent"

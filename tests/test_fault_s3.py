@@ -12,9 +12,8 @@ import torch
 from fixtures_servers import BUCKET, S3_CREDENTIALS, OutageProxy, s3_client
 
 from dcad.core.config import load_config
-from dcad.platform.s3 import list_keys
 from dcad.platform.stage_store import StageStore
-from dcad.platform.storage import resolve_storage
+from dcad.platform.storage import list_keys, resolve_storage
 from dcad.train.shared_stages import TrainedWeights
 
 pytestmark = pytest.mark.slow
@@ -84,7 +83,7 @@ def test_model_logging_to_s3_cut_midway_ends_with_one_whole_model(s3_proxy, moto
     endpoint is back after a few seconds, and the run ends with one READY model holding every file."""
     from mlflow.entities import LoggedModelStatus
 
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
     from dcad.platform.tracking import TrackingOptions, start_run
     from fixtures_mlflow import sqlite_uri
 
@@ -107,6 +106,7 @@ def test_model_logging_to_s3_cut_midway_ends_with_one_whole_model(s3_proxy, moto
     assert [m.status for m in models] == [LoggedModelStatus.READY]
     keys = list_keys(s3_client(moto_endpoint), BUCKET, "s3-outage/")
     stored = {k.rsplit("/", 1)[-1] for k in keys if "/artifacts/" in k or k.endswith("MLmodel")}
-    expected = {p.name for p in trained.model_dir.glob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".yaml")}
+    expected = {p.name for p in trained.model_dir.rglob("*")
+                if p.is_file() and "checkpoints" not in p.parts and p.suffix in (".safetensors", ".json", ".yaml")}
     assert expected <= stored, sorted(expected - stored)
     assert client.get_run(tracker.run_id).info.status == "FINISHED"

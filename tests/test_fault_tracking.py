@@ -12,7 +12,7 @@ from fixtures_mlflow import synth_dataset, train_args
 from fixtures_servers import free_port, mlflow_server
 from ray_helpers import start_dcad, wait_for
 
-from dcad.platform.store import mlflow_client
+from dcad.platform.mlflow_store import mlflow_client
 
 BASE_EPOCHS = 6
 

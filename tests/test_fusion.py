@@ -23,7 +23,7 @@ def normal_maps(n, size=32, seed=0, offset=0.0):
 
 
 def test_pixel_stats_standardise_normal_maps_and_remove_fixed_patterns():
-    stats = RefinementStats(2, 2, mode="pixel", smooth_sigma=1.0, stride=1)
+    stats = RefinementStats(2, 2, mode="pixel", map_size=32, smooth_sigma=1.0, stride=1)
     stats.fit(normal_maps(8, seed=s) for s in range(4))
     z = stats.standardise(normal_maps(16, seed=99))
     inner = z[..., 4:-4, 4:-4]  # away from the pattern's edge, which smoothing blurs
@@ -37,7 +37,7 @@ def test_pixel_stats_standardise_normal_maps_and_remove_fixed_patterns():
 def test_stats_are_kept_per_category_with_a_pooled_fallback():
     a, b = normal_maps(8, offset=0.0), normal_maps(8, seed=1, offset=10.0)
     cats = torch.tensor([0] * 8 + [1] * 8)
-    stats = RefinementStats(2, 2, mode="scalar").fit([(torch.cat([a, b]), cats)])
+    stats = RefinementStats(2, 2, 2, mode="scalar").fit([(torch.cat([a, b]), cats)])
     assert abs(stats.standardise(b, torch.ones(8, dtype=torch.long)).mean()) < 0.1
     assert abs(stats.standardise(a, torch.zeros(8, dtype=torch.long)).mean()) < 0.1
     pooled = stats.standardise(b)  # unknown category: pooled statistics
@@ -47,14 +47,16 @@ def test_stats_are_kept_per_category_with_a_pooled_fallback():
 
 def test_category_without_validation_images_uses_the_pooled_row():
     maps = torch.cat([normal_maps(4), normal_maps(4, offset=5.0)])
-    stats = RefinementStats(2, 2, mode="scalar").fit([(maps, torch.tensor([0] * 4 + [2] * 4))])
+    stats = RefinementStats(2, 2, 3, mode="scalar").fit([(maps, torch.tensor([0] * 4 + [2] * 4))])
     assert torch.equal(stats.mean[1], stats.mean[-1])
 
 
 def test_stats_survive_a_state_dict_round_trip_into_a_fresh_module():
     stats = RefinementStats(2, 2).fit([normal_maps(6, size=16)])
     fresh = RefinementStats(2, 2)
-    fresh.load_state_dict(stats.state_dict())
+    buffers = {name: id(b) for name, b in fresh.named_buffers()}
+    fresh.load_state_dict(stats.state_dict(), strict=True)
+    assert buffers == {name: id(b) for name, b in fresh.named_buffers()}, "buffers are sized at construction"
     maps = normal_maps(3, size=16, seed=5)
     assert fresh.is_fitted
     assert torch.equal(fresh.standardise(maps), stats.standardise(maps))
@@ -68,6 +70,11 @@ def test_unfitted_or_misshapen_use_is_a_clear_error():
         stats.fit([torch.zeros(2, 3, 2, 8, 8)])
     with pytest.raises(ModelError, match="no normal validation images"):
         stats.fit([])
+    with pytest.raises(ModelError, match="category index 1 but 1 categories"):
+        stats.fit([(normal_maps(2), torch.tensor([0, 1]))])
+    pixel = RefinementStats(2, 2, mode="pixel", map_size=16)
+    with pytest.raises(ModelError, match="do not fit buffers sized"):
+        pixel.fit([normal_maps(2, size=32)])
 
 
 # ---- fusion ------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import torch
 
 from dcad.core.config import RefinerConfig
 from dcad.core.errors import ModelError
-from dcad.core.model.denoiser import Denoiser, build_scheduler, predict_eps
+from dcad.core.model.denoiser import Denoiser
+from dcad.core.model.noise import build_scheduler
 from dcad.core.model.inpainting import InpaintingRefiner, ddim_schedule, high_frequency, inpainting_masks
 
 
@@ -183,7 +184,7 @@ class Oracle(Denoiser):
         clean = self.clean.repeat(x_t.shape[0] // self.clean.shape[0], 1, 1, 1)
         if self.cfg.scheduler.prediction_type == "sample":
             return clean
-        return predict_eps(clean, x_t, t, build_scheduler(self.cfg.scheduler).alphas_cumprod)
+        return old_predict_eps(clean, x_t, t, build_scheduler(self.cfg.scheduler).alphas_cumprod)
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
@@ -226,3 +227,71 @@ def test_wrong_image_size_is_a_clear_error():
 def test_timesteps_outside_the_schedule_are_named():
     with pytest.raises(ModelError, match="timesteps"):
         make_refiner(tiny_cfg(timesteps=[1000]))
+
+
+# ---- the scheduler path gives what the hand-written formulas gave ---------------------------------------
+
+
+def _old_alpha_terms(t, alphas_cumprod, like):
+    a = alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device).long()]
+    a = a.reshape(-1, *([1] * (like.dim() - 1)))
+    return a.sqrt(), (1.0 - a).sqrt()
+
+
+def old_q_sample(x0, noise, t, alphas_cumprod):
+    sqrt_a, sqrt_1ma = _old_alpha_terms(t, alphas_cumprod, x0)
+    return sqrt_a * x0 + sqrt_1ma * noise
+
+
+def old_predict_x0(model_output, x_t, t, alphas_cumprod, prediction_type):
+    if prediction_type == "sample":
+        return model_output
+    sqrt_a, sqrt_1ma = _old_alpha_terms(t, alphas_cumprod, x_t)
+    if prediction_type == "epsilon":
+        return (x_t - sqrt_1ma * model_output) / sqrt_a
+    return sqrt_a * x_t - sqrt_1ma * model_output
+
+
+def old_predict_eps(x0, x_t, t, alphas_cumprod):
+    sqrt_a, sqrt_1ma = _old_alpha_terms(t, alphas_cumprod, x_t)
+    return (x_t - sqrt_a * x0) / sqrt_1ma.clamp_min(1e-8)
+
+
+def old_predict_clean(refiner, x, noise, tau, mask, base, labels):
+    """The refiner's x̂0 as written before the scheduler's public API was used (q_sample, predict_x0, DDIM loop)."""
+    ac = refiner.scheduler.alphas_cumprod.float()
+    kind = refiner.cfg.scheduler.prediction_type
+    x_t = old_q_sample(x, noise, tau, ac)
+    context = x * (1.0 - mask)
+    n = refiner.cfg.ddim_steps
+    schedule = torch.tensor([ddim_schedule(int(t), n) for t in tau.tolist()])
+    for k in range(n):
+        t = schedule[:, k]
+        x0 = old_predict_x0(refiner._model(x_t, t, context, mask, base, labels), x_t, t, ac, kind)
+        if k == n - 1:
+            break
+        t_next = schedule[:, k + 1]
+        moved = old_q_sample(x0, old_predict_eps(x0, x_t, t, ac), t_next, ac)
+        x_t = mask * moved + (1.0 - mask) * old_q_sample(x, noise, t_next, ac)
+    return x0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_scheduler_path_matches_the_old_formulas(prediction_type, steps):
+    cfg = tiny_cfg(scheduler={"prediction_type": prediction_type}, ddim_steps=steps)
+    refiner = make_refiner(cfg)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
+    noise = torch.randn(6, 3, 16, 16, generator=g)
+    tau = torch.tensor([50, 200, 50, 999, 1, 200])  # several τ in one chunk, the ends of the schedule included
+    mask = inpainting_masks(16, 16, 4, 2)[torch.tensor([0, 1, 1, 0, 0, 1])]
+    base, labels = torch.randn(6, 1, 16, 16, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        new = refiner._predict_clean(x, noise, tau, mask, base, labels)
+        old = old_predict_clean(refiner, x, noise, tau, mask, base, labels)
+    assert torch.allclose(new, old, atol=1e-5, rtol=1e-5)
+    images, base_maps, class_labels = batch(2, 16)
+    maps = refiner.refinement_maps(images, refiner.inpaint(images, base_maps, class_labels))
+    refiner._predict_clean = lambda *args: old_predict_clean(refiner, *args)
+    assert torch.allclose(maps, refiner.refinement_maps(images, refiner.inpaint(images, base_maps, class_labels)), atol=1e-5)

@@ -98,14 +98,36 @@ def test_snapshot_does_not_change_as_training_continues():
     assert snapshots[1]["metrics"]["val_metric"] == 2.0
 
 
+def reference_warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The LR factor the loop computed by hand before it used torch's schedulers."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+@pytest.mark.parametrize("warmup, total", [(10, 100), (0, 100), (1, 10), (5, 28), (20, 4500), (3, 3)])
+def test_warmup_cosine_gives_the_same_lr_per_step_as_before(warmup, total):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    schedule = warmup_cosine(opt, warmup, total)
+    for step in range(total + 1):
+        assert schedule.get_last_lr()[0] == pytest.approx(3e-3 * reference_warmup_cosine(step, warmup, total), abs=1e-15)
+        opt.step()
+        schedule.step()
+
+
 def test_warmup_cosine_shape():
-    factors = [warmup_cosine(s, 10, 100) for s in range(100)]
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule, factors = warmup_cosine(opt, 10, 100), []
+    for _ in range(101):
+        factors.append(schedule.get_last_lr()[0])
+        opt.step()
+        schedule.step()
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(b > a for a, b in zip(factors[:9], factors[1:10]))  # linear ramp
-    assert all(b < a for a, b in zip(factors[10:-1], factors[11:]))  # cosine decay
+    assert all(b < a for a, b in zip(factors[10:-2], factors[11:-1]))  # cosine decay
     assert factors[55] == pytest.approx(0.5, abs=1e-9)  # half-way through the decay
-    assert warmup_cosine(100, 10, 100) == pytest.approx(0.0)
-    assert warmup_cosine(0, 0, 100) == 1.0
+    assert factors[100] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_loop_follows_the_schedule_and_calls_back_once_per_epoch():
@@ -117,7 +139,7 @@ def test_loop_follows_the_schedule_and_calls_back_once_per_epoch():
     assert steps[0][:2] == (1, 1) and steps[-1][:2] == (4, 7)
     total = CFG.epochs * CFG.iters_per_epoch
     for r in reports:
-        expected = CFG.lr * warmup_cosine(r.epoch * CFG.iters_per_epoch, CFG.warmup_iters, total)
+        expected = CFG.lr * reference_warmup_cosine(r.epoch * CFG.iters_per_epoch, CFG.warmup_iters, total)
         assert r.metrics["lr"] == pytest.approx(expected)
         epoch_losses = [loss for e, _, loss in steps if e == r.epoch]
         assert r.metrics["train_loss"] == pytest.approx(sum(epoch_losses) / len(epoch_losses))

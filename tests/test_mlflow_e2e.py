@@ -22,7 +22,7 @@ from PIL import Image
 from dcad.core.config import DCADConfig
 from dcad.core.data import CATEGORIES
 from dcad.core.metrics import METRIC_KEYS
-from dcad.platform.store import mlflow_client
+from dcad.platform.mlflow_store import mlflow_client
 
 pytestmark = pytest.mark.slow
 
@@ -74,14 +74,14 @@ def test_training_run_holds_params_metrics_dataset_artifacts_and_model(trained, 
     requirements = (model / "requirements.txt").read_text().split()
     assert "dcad==0.1.0" in requirements and any(r.startswith("torch==") for r in requirements)
     packaged = model / "artifacts" / "model_dir"
-    assert (packaged / "model.safetensors").is_file() and not (packaged / "checkpoints").exists()
+    assert (packaged / "base" / "model.safetensors").is_file() and not (packaged / "checkpoints").exists()
     assert (trained.model_dir / "checkpoints").is_dir()
 
 
 def _download(trained) -> Path:
     import mlflow.artifacts
 
-    from dcad.platform.store import use_store
+    from dcad.platform.mlflow_store import use_store
 
     with use_store(trained.tracking_uri):  # models:/ URIs resolve through MLflow's global URIs
         return Path(mlflow.artifacts.download_artifacts(trained.model_uri))
@@ -151,11 +151,11 @@ def _blind_copy(model_dir: Path, dst: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(model_dir, dst, ignore=shutil.ignore_patterns("checkpoints", "report"))
-    state = load_file(str(dst / "model.safetensors"))
+    state = load_file(str(dst / "backbone" / "model.safetensors"))
     for key, tensor in state.items():
-        if key.startswith("backbone.") and key.endswith("weight") and tensor.ndim == 4:
+        if key.endswith("weight") and tensor.ndim == 4:
             state[key] = tensor.zero_()
-    save_file(state, str(dst / "model.safetensors"))
+    save_file(state, str(dst / "backbone" / "model.safetensors"))
     return dst
 
 
@@ -204,7 +204,7 @@ def test_losing_the_server_during_training_keeps_the_model_and_says_how_to_log_i
     assert result.code == 3
     message = result.err.strip().splitlines()[-1]
     assert "failed during the run" in message and "connection refused" in message and str(tmp_path / "model") in message and "dcad log" in message
-    assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "model" / "report" / "roc.png").is_file()
+    assert (tmp_path / "model" / "base" / "model.safetensors").is_file() and (tmp_path / "model" / "report" / "roc.png").is_file()
     command = message[message.index("dcad log"):].split()
     assert command[:3] == ["dcad", "log", str(tmp_path / "model")]
 

@@ -18,7 +18,7 @@ from fixtures_servers import free_port
 
 from dcad.platform.errors import TrackingError
 from dcad.platform.secrets import redact
-from dcad.platform.store import check_store, default_tracking_uri, resolve_tracking_uri
+from dcad.platform.mlflow_store import check_store, default_tracking_uri, resolve_tracking_uri
 from dcad.platform.tracking import TrackingOptions, start_run
 
 
@@ -74,7 +74,7 @@ def test_unreachable_server_fails_before_training_starts(in_tmp, capsys):
 
 
 def test_train_with_a_bad_argument_opens_no_run(in_tmp, capsys, tiny_dataset):
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     uri = sqlite_uri(in_tmp / "store")
     busy = in_tmp / "busy"
@@ -160,7 +160,7 @@ def _serving(address: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_ui_serves_the_local_store_on_localhost_and_stops_with_its_children(in_tmp, sig):
-    from dcad.platform.stack import procs
+    import fixtures_procs as procs
 
     tracker = start_run(TrackingOptions(experiment="seen-in-ui"), "eval")
     tracker.finish()

@@ -28,7 +28,7 @@ steps:
 
 
 def test_shipped_pipelines_load_with_the_documented_flow():
-    from dcad.platform.pipeline import load_pipeline
+    from dcad.platform.pipeline.load import load_pipeline
 
     quick = load_pipeline(ROOT / "pipelines" / "quickstart.yaml")
     assert [s.kind for s in quick.steps] == ["synth", "check", "train", "evaluate", "register", "promote"]

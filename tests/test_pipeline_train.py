@@ -35,7 +35,7 @@ steps:
 
 
 def test_train_register_promote_on_a_local_store(tmp_path, capsys, monkeypatch):
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     spec = tmp_path / "pipeline.yaml"

@@ -55,11 +55,11 @@ def test_a_final_checkpoint_missing_a_file_is_refused_in_one_line(finished_run, 
     from dcad.platform.ray_train import RayTrainingError, RayTrainOptions, plan_run, train_on_ray
 
     cfg, _, storage = finished_run
-    weights = storage / "done" / "final" / "model" / "model.safetensors"
+    weights = storage / "done" / "final" / "model" / "base" / "model.safetensors"
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[: size // 2])
     plan = plan_run(RayTrainOptions(2, storage=str(storage), name="done"), tmp_path / "out")
-    with pytest.raises(RayTrainingError, match=rf"final checkpoint is incomplete \(model/model.safetensors has "
+    with pytest.raises(RayTrainingError, match=rf"final checkpoint is incomplete \(model/base/model.safetensors has "
                                                rf"{size // 2} bytes, expected {size}\)"):
         train_on_ray(cfg, tmp_path / "data-not-needed", plan, log=lambda line: None)
 

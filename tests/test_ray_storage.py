@@ -58,7 +58,7 @@ def test_s3_endpoint_comes_from_the_query_then_the_environment(s3_env):
     assert location.path == "b/some/prefix"  # Ray's storage_path: no scheme with a storage_filesystem
     query = resolve_storage("s3://b/p?endpoint_override=http://127.0.0.1:9", None)
     assert query.endpoint == "http://127.0.0.1:9"
-    assert query.display == "s3://b/p at http://127.0.0.1:9"
+    assert query.describe() == "s3://b/p at http://127.0.0.1:9"
 
 
 def test_s3_uri_errors_are_one_line(s3_env):
@@ -73,7 +73,7 @@ def test_s3_uri_errors_are_one_line(s3_env):
 def test_s3_credentials_never_appear_in_what_users_see(s3_env):
     secret = S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
     location = resolve_storage(f"s3://{BUCKET}/p?endpoint_override=http://user:{secret}@127.0.0.1:1", None)
-    assert secret not in location.display and "***" in location.display
+    assert secret not in location.describe() and "***" in location.describe()
     with pytest.raises(StorageError) as err:
         check_writable(location)
     assert _leaks(str(err.value)) == []

@@ -141,7 +141,7 @@ def test_two_workers_match_one_worker_with_checkpoints_on_s3(cluster, ray_datase
 
     # checkpoints on S3: rank 0 wrote them; CheckpointConfig kept the last two
     keys = {o for o in _s3_keys(moto_endpoint, "ray-eq/eq-two/")}
-    assert "ray-eq/eq-two/final/model/model.safetensors" in keys
+    assert "ray-eq/eq-two/final/model/base/model.safetensors" in keys
     kept = {k.split("/")[2] for k in keys if re.match(r"ray-eq/eq-two/(epoch_\d{4}|final)/dcad_checkpoint.json", k)}
     assert kept == {f"epoch_{total:04d}", "final"}
     assert "wrapped in DistributedDataParallel across 2 workers" in log_two
@@ -238,7 +238,7 @@ def test_s3_cut_during_a_checkpoint_upload_is_waited_out_and_the_checkpoint_resu
 
 # ---- helpers -----------------------------------------------------------------------------------------
 def _s3_keys(endpoint: str, prefix: str) -> list[str]:
-    from dcad.platform.s3 import list_keys
+    from dcad.platform.storage import list_keys
 
     return list_keys(s3_client(endpoint), BUCKET, prefix)
 

@@ -121,7 +121,7 @@ def test_statistics_leave_unrefined_pixels_out():
     gen = torch.Generator().manual_seed(6)
     maps = torch.rand(4, 1, 2, 16, 16, generator=gen) * 3 + 1
     holes = torch.rand(maps.shape, generator=gen) < 0.6
-    stats = RefinementStats(1, 2).fit([(maps.masked_fill(holes, float("nan")), torch.tensor([0, 0, 1, 1]))])
+    stats = RefinementStats(1, 2, 2).fit([(maps.masked_fill(holes, float("nan")), torch.tensor([0, 0, 1, 1]))])
     for t_s in range(2):
         pooled = maps[:, 0, t_s][~holes[:, 0, t_s]].double()
         assert math.isclose(stats.mean[-1, 0, t_s].item(), pooled.mean().item(), rel_tol=1e-5)
@@ -150,14 +150,22 @@ def test_a_window_off_the_cell_grid_is_refused():
         model.refinement(torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64), torch.tensor([0]))
 
 
-def test_models_saved_before_the_cascade_load_and_refine_every_image():
+def test_models_saved_before_the_cascade_load_and_refine_every_image(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from dcad.core.model.model_dir import load_model
+
     model = tiny_model()
-    state = model.state_dict()
-    del state["calibration.refine_skip_score"]
-    fresh = tiny_model()
-    fresh.calibration.refine_skip_score.fill_(3.0)
-    fresh.load_state_dict(state, strict=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "calibration.refine_skip_score"}
+    save_file(state, str(tmp_path / "model.safetensors"))  # a format-1 directory written before the cascade
+    (tmp_path / "config.yaml").write_text(model.cfg.to_yaml())
+    (tmp_path / "dcad_model.json").write_text(json.dumps({"format": "dcad-model", "format_version": 1, "categories": ["a", "b"],
+                                                          "image_threshold": 1.0, "pixel_threshold": 2.0}))
+    fresh = load_model(tmp_path)
     assert fresh.calibration.refine_skip_score.item() == float("-inf")
+    assert fresh.calibration.image_threshold.item() == 1.0
 
 
 def test_the_budget_is_a_rescore_key():

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from dcad.core.config import RefinerConfig, StageTrainConfig
 from dcad.core.errors import DatasetError, ModelError
-from dcad.core.model.denoiser import Denoiser, build_scheduler
+from dcad.core.model.denoiser import Denoiser
+from dcad.core.model.noise import build_scheduler
 from dcad.core.model.fusion import gaussian_blur
 from dcad.core.model.inpainting import InpaintingRefiner
 from dcad.train.refiner_stage import RefinerStage

@@ -12,10 +12,10 @@ import math
 import pytest
 from fixtures_mlflow import fake_model_dir, run_dcad, sqlite_uri
 
-from dcad.platform import registry, registry_views
+from dcad.platform import registry
 from dcad.platform.errors import RegistryError
 from dcad.platform.gate import check_gate
-from dcad.platform.store import mlflow_client
+from dcad.platform.mlflow_store import mlflow_client
 from dcad.platform.tracking import TrackingOptions, start_run
 
 CATS = ["cat_a", "cat_b"]
@@ -64,7 +64,7 @@ def store(tmp_path_factory, tiny_dataset):
         tracker.log_model(model_dir)
         tracker.finish()
         assert tracker.lost is None, tracker.lost
-        metrics_by_model[tracker.logged_model_ids()[0]] = metrics
+        metrics_by_model[tracker.model_uri.removeprefix("models:/")] = metrics
         return tracker.run_id
 
     def evaluate(model_uri: str, data) -> dict:
@@ -125,7 +125,7 @@ def test_promotion_gate_history_and_rollback(store, decoy_global_store):
     assert registry.rollback(client, "dcad-reg", "champion") == ("2", "1")
     with pytest.raises(RegistryError, match="no previous holder"):
         registry.rollback(client, "dcad-reg", "champion")
-    shown = registry_views.show_model(client, "dcad-reg")
+    shown = registry.show_model(client, "dcad-reg")
     assert shown["aliases"] == {"champion": "1"}
     assert [e["event"] for e in shown["log"]["champion"]] == ["first", "passed", "refused", "forced", "rollback", "rollback"]
     assert [v["version"] for v in shown["versions"]] == ["1", "2", "3"]
@@ -208,7 +208,7 @@ def test_nan_metrics_survive_the_version_tags(store):
     _, client, make_run, evaluate, _ = store
     run = make_run(result(0.8, float("nan")))
     registry.promote(client, registry.PromotionRequest("dcad-nan", run), evaluate)
-    recorded = registry.recorded_metrics(client.get_model_version("dcad-nan", "1"), registry._digest(registry.evaluation_data(client.get_run(run), None)))
+    recorded = registry.recorded_metrics(client.get_model_version("dcad-nan", "1"), registry.dataset_digest(registry.evaluation_data(client.get_run(run), None)))
     assert math.isnan(recorded["categories"]["cat_b"]["image_auroc"])
 
 

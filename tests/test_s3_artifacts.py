@@ -13,8 +13,8 @@ import pytest
 from fixtures_mlflow import run_dcad
 from fixtures_servers import BUCKET, CHECKSUMS, S3_CREDENTIALS, free_port, s3_client
 
-from dcad.platform.s3 import list_keys
-from dcad.platform.store import mlflow_client
+from dcad.platform.storage import list_keys
+from dcad.platform.mlflow_store import mlflow_client
 
 pytestmark = pytest.mark.slow
 SECRETS = [v for k, v in S3_CREDENTIALS.items() if k != "AWS_DEFAULT_REGION"]
@@ -49,7 +49,7 @@ def _loads_back_and_scores(trained, server_url: str, model_uri: str) -> None:
 
 
 def _expected_keys(prefix: str) -> set[str]:
-    return {f"{prefix}MLmodel", f"{prefix}artifacts/model_dir/model.safetensors", f"{prefix}artifacts/model_dir/dcad_model.json"}
+    return {f"{prefix}MLmodel", f"{prefix}artifacts/model_dir/base/model.safetensors", f"{prefix}artifacts/model_dir/dcad_model.json"}
 
 
 def test_proxied_artifacts_land_in_s3_without_client_credentials(proxied_server, moto_endpoint, trained, capsys, monkeypatch):

@@ -5,13 +5,15 @@ register → gated promotion) → `dcad stack down` leaves none of its processes
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from dcad.platform.stack.procs import start_time
 from fixtures_mlflow import run_dcad
+from fixtures_procs import descendants
 from fixtures_servers import HOST, free_port
 
 pytestmark = pytest.mark.slow
@@ -88,25 +90,29 @@ def write_pipeline(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
 
 def processes() -> dict[int, tuple[int, str]]:
     """Live processes: pid -> (session id, command line)."""
-    from dcad.platform.stack.procs import PROC, _stat_fields, read_cmdline
-
     found = {}
-    for entry in PROC.iterdir():
-        if entry.name.isdigit():
-            fields, cmdline = _stat_fields(int(entry.name)), read_cmdline(int(entry.name))
-            if fields and cmdline and fields[0] != "Z":
-                found[int(entry.name)] = (int(fields[3]), " ".join(cmdline))
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["cmdline"] and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found[proc.pid] = (os.getsid(proc.pid), " ".join(proc.info["cmdline"]))
+        except (OSError, psutil.Error):
+            pass
     return found
+
+
+def start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def ours(snapshot: dict[int, tuple[int, str]], sessions: set[int], markers: list[str]) -> list[str]:
     return sorted(f"{pid} {cmd[:150]}" for pid, (sid, cmd) in snapshot.items() if sid in sessions or any(m in cmd for m in markers))
 
 
-def started_by(leaders: set[int]) -> dict[int, int]:
+def started_by(leaders: set[int]) -> dict[int, float | None]:
     """Every descendant of the services' processes: pid -> start time."""
-    from dcad.platform.stack.procs import descendants
-
     return {pid: start_time(pid) for leader in leaders for pid in descendants(leader)}
 
 
@@ -166,7 +172,7 @@ def test_stack_up_pipeline_down(tmp_path, capsys, monkeypatch, postgres_binaries
 def restart_keeps_everything(tmp_path: Path, state_dir: Path, ports: dict[str, int], env: dict[str, str], capsys) -> set[int]:
     """`stack down` then `stack up` on the same state directory: runs, registry and artifacts are all there, and
     the champion loads and scores images. Returns the new services' session ids."""
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     client = mlflow_client(env["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias(MODEL, "champion")
@@ -207,13 +213,8 @@ def check_status(status: dict, ports: dict[str, int], up_out: str) -> None:
 
 def check_no_secret_written(state_dir: Path, status: dict, up) -> None:
     """The S3 keys the MLflow server got are in its environment only: not in the state file, logs or output."""
-    from dcad.platform.stack.procs import PROC
-
     server = next(s for s in status["services"] if s["service"] == "mlflow")
-    environ = dict(
-        item.split("=", 1) for item in (PROC / str(server["pid"]) / "environ").read_bytes().decode().split("\0") if "=" in item
-    )
-    secret = environ["AWS_SECRET_ACCESS_KEY"]
+    secret = psutil.Process(server["pid"]).environ()["AWS_SECRET_ACCESS_KEY"]
     assert len(secret) >= 20
     written = [p.read_text(errors="replace") for p in state_dir.iterdir() if p.is_file()]
     assert all(secret not in text for text in [*written, up.out, up.err])
@@ -232,7 +233,7 @@ def run_pipeline(tmp_path: Path, env: dict[str, str], capsys) -> tuple[float, st
     assert run_id and steps["register"]["outputs"]["run_id"] == run_id
     assert steps["promote"]["outputs"]["decision"] == "first" and steps["promote"]["outputs"]["moved"] is True
 
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     client = mlflow_client(env["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias(MODEL, "champion")
@@ -261,7 +262,7 @@ def check_postgres_backend(port: int) -> None:
 
 def check_artifacts_in_s3(endpoint: str) -> None:
     """The server proxied the model's files into the S3 bucket (moto accepts any keys)."""
-    from dcad.platform.s3 import list_keys, s3_client
+    from dcad.platform.storage import list_keys, s3_client
 
     client = s3_client(endpoint, aws_access_key_id="anything-goes", aws_secret_access_key="moto-ignores-it", region_name="us-east-1")
     keys = list_keys(client, "dcad-artifacts", "mlflow/")

@@ -90,7 +90,7 @@ def test_down_stops_only_processes_that_still_match_their_record(tmp_path, capsy
 def test_down_kills_the_session_and_the_children_that_left_it(tmp_path):
     """A service's children (raylet, gcs_server) share its session; PostgreSQL's call setsid(). down leaves neither."""
     from dcad.platform.stack import StackState, down
-    from dcad.platform.stack.procs import descendants
+    from fixtures_procs import descendants
 
     code = (
         "import subprocess, sys, time; sleep = [sys.executable, '-c', 'import time; time.sleep(300)'];"
@@ -149,3 +149,21 @@ def test_backend_choice(tmp_path, backend, expected):
 
     assert choose_backend(StackOptions(tmp_path, backend=backend))[0] == expected
     assert choose_backend(StackOptions(tmp_path, postgres_uri="postgresql://db/mlflow"))[0] == "external"
+
+
+def test_a_state_file_of_an_earlier_version_still_identifies_its_processes():
+    """Earlier versions recorded start times in clock ticks since boot; `down` must still recognise those processes."""
+    import os
+
+    from dcad.platform.stack.procs import matches
+
+    proc = sleeper("ticks")
+    try:
+        record = record_for(proc, "ticks", 1)
+        with open(f"/proc/{proc.pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        old = record_for(proc, "ticks", 1, start_time=ticks)
+        assert old.start_time < 1e9 and matches(old.process) and matches(record.process)
+        assert not matches(record_for(proc, "ticks", 1, start_time=ticks + os.sysconf("SC_CLK_TCK")).process)
+    finally:
+        proc.kill()

@@ -105,7 +105,7 @@ CHILDREN = {  # name: (val_pixel_auroc, ms_per_image)
 
 @pytest.fixture(scope="module")
 def sweep_store(tmp_path_factory):
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     uri = sqlite_uri(tmp_path_factory.mktemp("sweep-store"))
     client = mlflow_client(uri)
@@ -164,7 +164,7 @@ def test_leaderboard_pareto_errors(sweep_store, capsys):
 
 
 def test_stopped_trials_end_killed_even_when_their_handler_said_failed(tmp_path):
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
     from dcad.platform.sweep.reporting import TrialRecord, mark_stopped_children
 
     client = mlflow_client(sqlite_uri(tmp_path))

@@ -101,7 +101,7 @@ def front_of(runs: list) -> list:
 def test_sweep_end_to_end(cluster, main_job_data, tmp_path, capsys):
     import optuna
 
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     uri = sqlite_uri(tmp_path / "store")
     # trained enough (2 × 100 base iterations) for its best model to clear the registration and promotion floors
@@ -210,7 +210,7 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
     from its checkpoint, and keeps the Optuna study and the MLflow parent run."""
     import optuna
 
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     uri = sqlite_uri(tmp_path / "store")
     storage = tmp_path / "sweeps"
@@ -291,7 +291,7 @@ def test_interrupted_sweep_resumes(cluster, sweep_data, tmp_path, how):
 def test_two_worker_trials_train_as_ray_train_runs(cluster, sweep_data, tmp_path):
     """`resources.workers: 2`: each trial drives a Ray Train run (DDP) from the shared base branch, its epoch
     reports reach Tune, and its MLflow child run holds what a one-worker trial's does."""
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     uri = sqlite_uri(tmp_path / "store")
     storage = tmp_path / "sweeps"
@@ -346,7 +346,7 @@ def test_sweep_goes_on_while_the_tracking_server_is_down(cluster, sweep_data, tm
 
     from fixtures_servers import free_port, mlflow_server
 
-    from dcad.platform.store import mlflow_client
+    from dcad.platform.mlflow_store import mlflow_client
 
     port = free_port()
     with ExitStack() as stack:

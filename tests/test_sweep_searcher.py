@@ -13,8 +13,7 @@ from optuna.trial import TrialState
 
 from dcad.platform.errors import PlatformError
 from dcad.platform.sweep.reporting import DONE_KEY
-from dcad.platform.sweep.search import SearchSpace, decode_params
-from dcad.platform.sweep.searcher import RAY_TRIAL_ID, SweepSearch
+from dcad.platform.sweep.search import RAY_TRIAL_ID, SearchSpace, SweepSearch, decode_params
 
 PARAMS = {
     "refiner.class_conditioning": {"type": "categorical", "choices": [True, False]},
@@ -59,7 +58,7 @@ def test_trials_are_told_complete_pruned_or_failed(tmp_path, metric, mode, caplo
     search.on_trial_complete("t1", done(val_pixel_auroc=0.8, ms_per_image=12.5))
     search.on_trial_complete("t2", {"val_pixel_auroc": 0.3, "ms_per_image": float("nan"), "epoch": 3})  # ASHA stop
     search.on_trial_complete("t3", None, error=True)
-    with caplog.at_level(logging.DEBUG, logger="dcad.platform.sweep.searcher"):
+    with caplog.at_level(logging.DEBUG, logger="dcad.platform.sweep.search"):
         search.on_trial_complete("nobody", done(val_pixel_auroc=0.9, ms_per_image=1.0))
         search.on_trial_complete("t1", done(val_pixel_auroc=0.1, ms_per_image=1.0))  # told once only
     assert "nobody" in caplog.text

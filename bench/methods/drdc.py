@@ -80,7 +80,6 @@ def ablation_view(model: DRDC, mode: str) -> DRDC:
     """The same trained modules, evaluated with `ablation.mode=mode` (a shallow copy; nothing is retrained)."""
     view = copy.copy(model)
     view.cfg = model.cfg.model_copy(update={"ablation": Ablation(mode=mode)})
-    view.uses_refiner = model.uses_refiner and mode != "base_only"
     return view
 
 

@@ -28,7 +28,7 @@ def leaderboard(
     """Rank tracked runs by a metric."""
     from dcad.platform.errors import TrackingError, store_errors
     from dcad.platform.leaderboard import build_leaderboard, build_pareto
-    from dcad.platform.store import open_store
+    from dcad.platform.mlflow_store import open_store
 
     if pareto and not parent:
         raise TrackingError("--pareto needs --parent SWEEP (a sweep's name or parent run id)")

@@ -33,7 +33,7 @@ def log(
         tracker.finish("FINISHED")
     if tracker.lost is not None:
         raise TrackingError(f"logging {model_dir} to run {tracker.run_id} failed ({tracker.lost}); run the command again")
-    console.print(f"logged {model_dir} to run {tracker.run_id}; model {tracker.model_uri or '(already logged)'}")
+    console.print(f"logged {model_dir} to run {tracker.run_id}; model {tracker.model_uri}")
     if tracker.link:
         err_console.print(tracker.link)
 

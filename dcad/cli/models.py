@@ -23,14 +23,9 @@ def list_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Every registered model with its number of versions and its aliases."""
-    from dcad.platform.registry_views import list_models
-    from dcad.platform.store import open_store
+    from dcad.platform.registry import list_models
 
-    from dcad.platform.errors import store_errors
-
-    _, client = open_store(tracking_uri)
-    with store_errors("listing registered models failed"):
-        rows = list_models(client)
+    rows = _read(tracking_uri, "listing registered models failed", list_models)
     if json_out:
         console.print_json(json.dumps(rows))
         return
@@ -50,14 +45,9 @@ def show_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The versions of a model: aliases, source run, gate decisions, metrics; and each alias's history."""
-    from dcad.platform.registry_views import show_model
-    from dcad.platform.store import open_store
+    from dcad.platform.registry import show_model
 
-    from dcad.platform.errors import store_errors
-
-    _, client = open_store(tracking_uri)
-    with store_errors(f"reading registered model '{name}' failed"):
-        info = show_model(client, name)
+    info = _read(tracking_uri, f"reading registered model '{name}' failed", lambda client: show_model(client, name))
     if json_out:
         console.print_json(json.dumps(info, allow_nan=True))
         return
@@ -67,6 +57,16 @@ def show_cmd(
         console.print(f"[bold]{alias}[/]: now {'v' + current if current else 'unset'}; history:")
         for e in events[-HISTORY_SHOWN:]:
             console.print(f"  {e['at']}  {_event_text(e)}  by {e['by']}")
+
+
+def _read(tracking_uri: str | None, failure: str, view):
+    """`view(client)` on the registry at `tracking_uri`, a store failure as one line starting with `failure`."""
+    from dcad.platform.errors import store_errors
+    from dcad.platform.mlflow_store import open_store
+
+    _, client = open_store(tracking_uri)
+    with store_errors(failure):
+        return view(client)
 
 
 def versions_table(info: dict) -> Table:

@@ -27,7 +27,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the steps and their outputs as JSON."),
 ) -> None:
     """Run the pipeline's steps in order; each step's outputs feed the next; state is kept for --resume."""
-    from dcad.platform.pipeline import run_pipeline
+    from dcad.platform.pipeline.runner import run_pipeline
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result (Ray Tune prints its own tables)
         result = run_pipeline(file, resume=resume, dry_run=dry_run, tracking_uri=tracking_uri, device=device, log=_log)

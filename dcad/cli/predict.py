@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from dcad.cli.console import console, err_console
-from dcad.cli.train import MODEL_HELP, resolve_model_dir
+from dcad.cli.train import MODEL_HELP
 from dcad.core.errors import DcadError
 
 
@@ -18,7 +20,7 @@ def collect_images(inputs: list[Path]) -> list[tuple[Path, str]]:
     below the directory given with `/` as `__` (`crack__000`), or a file's stem; repeats get `_2`, `_3` …"""
     from dcad.core.data.images import IMAGE_EXTENSIONS
 
-    found: list[tuple[Path, str]] = []
+    found: list[tuple[Path, str]] = []  # (file, output name)
     for item in inputs:
         if item.is_dir():
             files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -29,17 +31,12 @@ def collect_images(inputs: list[Path]) -> list[tuple[Path, str]]:
             found.append((item, item.stem))
         else:
             raise DcadError(f"{item}: no such file or directory")
-    return _distinct(found)
-
-
-def _distinct(found: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
-    seen: dict[str, int] = {}
-    out = []
+    seen: Counter[str] = Counter()
+    distinct = []
     for path, name in found:
-        n = seen.get(name, 0) + 1
-        seen[name] = n
-        out.append((path, name if n == 1 else f"{name}_{n}"))
-    return out
+        seen[name] += 1
+        distinct.append((path, name if seen[name] == 1 else f"{name}_{seen[name]}"))
+    return distinct
 
 
 def predict(
@@ -60,7 +57,8 @@ def predict(
     from dcad.core.model.model_dir import load_model
     from dcad.core.predict import predict_arrays
     from dcad.core.visualize import heatmap_rgb, overlay, resize_map
-    from dcad.train.pipeline import resolve_device
+    from dcad.platform.mlflow_model import resolve_model_dir
+    from dcad.core.device import resolve_device
 
     net = load_model(resolve_model_dir(model, tracking_uri), resolve_device(device))
     if category is not None and category not in net.categories:
@@ -85,17 +83,18 @@ def predict(
                 Image.fromarray(overlay(arr, heat)).save(out / "overlays" / f"{name}.png")
                 rows.append(_row(files[start + i], name, result, i, category))
             progress.update(task, completed=min(len(files), start + batch_size))
-    _write_csv(out / "predictions.csv", rows)
+    with (out / "predictions.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     n_anom = sum(r["decision"] == "anomalous" for r in rows)
     console.print(f"{len(rows)} images: {n_anom} anomalous, {len(rows) - n_anom} normal → {out}")
     err_console.print(f"maps: {out / 'maps'}, overlays: {out / 'overlays'}, scores: {out / 'predictions.csv'}")
 
 
 def _display_range(net) -> tuple[float, float]:
-    import numpy as np
-
     t = float(net.calibration.pixel_threshold)
-    return (0.0, 2 * t) if np.isfinite(t) and t > 0 else (0.0, 6.0)
+    return (0.0, 2 * t) if math.isfinite(t) and t > 0 else (0.0, 6.0)
 
 
 def _row(path: Path, name: str, result, i: int, category: Optional[str]) -> dict:
@@ -109,13 +108,6 @@ def _row(path: Path, name: str, result, i: int, category: Optional[str]) -> dict
         "normalized_score": f"{result.normalized_scores[i]:.6f}",
         "decision": "anomalous" if result.decisions[i] else "normal",
     }
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def register(app: typer.Typer) -> None:

@@ -34,7 +34,7 @@ def promote(
     from dcad.core.metrics import METRIC_KEYS
     from dcad.platform import registry
     from dcad.platform.errors import GateRefusedError, RegistryError, store_errors
-    from dcad.platform.store import open_store
+    from dcad.platform.mlflow_store import open_store
 
     unknown = sorted(set(gate_metric) - set(METRIC_KEYS))
     if unknown:

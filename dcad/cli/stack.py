@@ -13,13 +13,14 @@ from dcad.cli.console import console, err_console
 
 app = typer.Typer(help="A local stack: MLflow (PostgreSQL or sqlite, artifacts on S3), an S3 endpoint and a Ray head.", no_args_is_help=True)
 
-STATE_DIR_OPTION = typer.Option(None, "--state-dir", help="Where the stack records what it started (default: ./.dcad/stack).")
-
 
 def _state_dir(value: Optional[Path]) -> Path:
-    from dcad.platform.stack import default_state_dir
+    from dcad.platform.mlflow_store import dcad_home
 
-    return (value or default_state_dir()).resolve()
+    return (value or dcad_home() / "stack").resolve()
+
+
+STATE_DIR_OPTION = typer.Option(None, "--state-dir", callback=_state_dir, help="Where the stack records what it started (default: ./.dcad/stack).")
 
 
 def _log(message: str) -> None:
@@ -28,7 +29,7 @@ def _log(message: str) -> None:
 
 @app.command("up")
 def up(
-    state_dir: Optional[Path] = STATE_DIR_OPTION,
+    state_dir: Path = STATE_DIR_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Address every service listens on."),
     mlflow_port: int = typer.Option(5000, "--mlflow-port"),
     s3_port: int = typer.Option(9000, "--s3-port"),
@@ -49,7 +50,7 @@ def up(
     if backend not in ("auto", "postgres", "sqlite"):
         raise StackError(f"--backend {backend}: choose auto, postgres or sqlite")
     opts = StackOptions(
-        _state_dir(state_dir), host=host, mlflow_port=mlflow_port, s3_port=s3_port, ray_port=ray_port,
+        state_dir, host=host, mlflow_port=mlflow_port, s3_port=s3_port, ray_port=ray_port,
         postgres_port=postgres_port, backend=backend, postgres_uri=postgres_uri, postgres_bin=postgres_bin,  # type: ignore[arg-type]
         bucket=bucket, ray=not no_ray, ray_cpus=ray_cpus, timeout_s=timeout,
     )
@@ -60,50 +61,43 @@ def up(
 
 @app.command("status")
 def status(
-    state_dir: Optional[Path] = STATE_DIR_OPTION,
+    state_dir: Path = STATE_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the services and variables as JSON."),
 ) -> None:
     """The recorded services: pid, port, whether the process is alive and listening, URL; the variables to export."""
     from dcad.platform.stack import status as read_status
 
-    directory = _state_dir(state_dir)
-    state, rows = read_status(directory)
+    state, rows = read_status(state_dir)
+    running = bool(rows) and all(r["alive"] for r in rows)
     if as_json:
-        payload = {"state": str(directory), "running": bool(rows) and all(r.alive for r in rows), "env": state.env if state else {},
-                   "services": [{"service": r.name, "pid": r.pid, "port": r.port, "alive": r.alive, "listening": r.listening, "url": r.url}
-                                for r in rows]}
+        payload = {"state": str(state_dir), "running": running, "env": state.env if state else {}, "services": rows}
         console.out(json.dumps(payload, indent=2), highlight=False)
         return
     if state is None:
-        console.print(f"no stack recorded in {directory} (start one with `dcad stack up`)")
+        console.print(f"no stack recorded in {state_dir} (start one with `dcad stack up`)")
         raise typer.Exit(1)
-    console.print(_table(rows, directory))
+    table = Table(title=f"dcad stack ({state_dir})", title_justify="left")
+    for column in ("service", "pid", "port", "alive", "URL"):
+        table.add_column(column, justify="right" if column in ("pid", "port") else "left")
+    for r in rows:
+        alive = "[green]yes[/]" if r["alive"] and r["listening"] else ("[yellow]not listening[/]" if r["alive"] else "[red]no[/]")
+        table.add_row(r["service"], str(r["pid"]), str(r["port"]), alive, r["url"])
+    console.print(table)
     console.print(_exports(state.env), highlight=False)
-    if not all(r.alive for r in rows):
+    if not all(r["alive"] for r in rows):
         raise typer.Exit(1)
 
 
 @app.command("down")
 def down(
-    state_dir: Optional[Path] = STATE_DIR_OPTION,
+    state_dir: Path = STATE_DIR_OPTION,
     purge: bool = typer.Option(False, "--purge", help="Also delete the PostgreSQL data (every run and model of the stack)."),
 ) -> None:
     """Stop exactly the processes `up` started (each checked by pid, start time and command line)."""
     from dcad.platform.stack import down as stop_all
 
-    directory = _state_dir(state_dir)
-    report = stop_all(directory, purge=purge, log=_log)
-    console.print("stack down" if report else f"no stack recorded in {directory}")
-
-
-def _table(rows, directory: Path) -> Table:
-    table = Table(title=f"dcad stack ({directory})", title_justify="left")
-    for column in ("service", "pid", "port", "alive", "URL"):
-        table.add_column(column, justify="right" if column in ("pid", "port") else "left")
-    for r in rows:
-        alive = "[green]yes[/]" if r.alive and r.listening else ("[yellow]not listening[/]" if r.alive else "[red]no[/]")
-        table.add_row(r.name, str(r.pid), str(r.port), alive, r.url)
-    return table
+    report = stop_all(state_dir, purge=purge, log=_log)
+    console.print("stack down" if report else f"no stack recorded in {state_dir}")
 
 
 def _exports(env: dict[str, str]) -> str:

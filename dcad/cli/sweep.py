@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -46,7 +47,7 @@ def sweep(
     if json_out:
         from dcad.cli.common import write_json
 
-        write_json(json_out, result.to_dict())
+        write_json(json_out, asdict(result))
     if result.interrupted:
         raise typer.Exit(INTERRUPTED_EXIT)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,6 +18,7 @@ from dcad.core.errors import DcadError
 from dcad.core.yaml_io import read_yaml_mapping
 
 PROFILES = ("tiny", "cpu", "paper")
+RETIRED_DATA_KEYS = ("num_workers",)  # accepted (and ignored) in configs written before they were removed
 
 
 class ConfigError(DcadError):
@@ -34,7 +35,6 @@ class DataConfig(_Strict):
     val_seed: int = 0
     val_anomaly_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of validation images given a pasted defect.")
     categories: list[str] | None = Field(None, description="Restrict to these categories (default: all).")
-    num_workers: int = Field(0, ge=0)
 
 
 class BackboneConfig(_Strict):
@@ -72,12 +72,19 @@ class UNetConfig(_Strict):
     norm_num_groups: int = Field(8, ge=1)
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(BaseModel):
+    """A diffusers noise scheduler: `class_name` and the arguments of its `from_config` (any it takes)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    class_name: str = Field("DDIMScheduler", description="A diffusers scheduler class, e.g. DDIMScheduler, DDPMScheduler.")
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
     beta_end: float = Field(0.02, gt=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"class_name"})
 
 
 class RefinementBudget(_Strict):
@@ -118,7 +125,6 @@ class RefinerConfig(_Strict):
     hf_sigma: float = Field(1.5, gt=0.0)
     crop_size: int = Field(64, ge=8, description="Training crop size (the UNet is fully convolutional).")
     seed: int = 1234
-    # --- added by the refiner engineer (speed / training focus) ---
     space_to_depth: Literal[1, 2, 4] = Field(
         1, description="Pixel-unshuffle stem r: the UNet runs at 1/r resolution on r² channels (≈r² cheaper; lossless)."
     )
@@ -145,7 +151,6 @@ class FusionConfig(_Strict):
     weights: dict[str, float] | None = Field(None, description="w(τ,s) keyed 't{τ}_s{s}'; uniform when empty.")
     blur_sigma: float = Field(2.0, ge=0.0)
     pool_kernel: int = Field(16, ge=1, description="Image score: max of the average-pooled map.")
-    # --- added by the refiner engineer ---
     gate_offset: float = Field(1.0, description="gated: k in σ((base − k)/T), the base level where refinement counts half.")
     gate_temperature: float = Field(0.5, gt=0.0, description="gated: T, the softness of the gate.")
     stats: Literal["scalar", "pixel"] = Field(
@@ -193,9 +198,9 @@ class DCADConfig(_Strict):
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "DCADConfig":
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(_drop_retired(data))
         except ValidationError as err:
-            raise ConfigError(f"{source}: {_first_error(err)}") from None
+            raise ConfigError(f"{source}: {validation_error_line(err)}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DCADConfig":
@@ -210,13 +215,33 @@ class DCADConfig(_Strict):
         """Dotted-key view, e.g. for MLflow params."""
         return flatten(self.model_dump(mode="json"))
 
+    @property
+    def uses_refiner(self) -> bool:
+        """Whether a model of this config has (and uses) the refinement branch."""
+        return self.refiner.enabled and self.ablation.mode != "base_only"
 
-def _first_error(err: ValidationError) -> str:
+
+def _drop_retired(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the keys older configs (e.g. in model directories) still carry."""
+    section = data.get("data")
+    if isinstance(section, dict) and any(k in section for k in RETIRED_DATA_KEYS):
+        data = {**data, "data": {k: v for k, v in section.items() if k not in RETIRED_DATA_KEYS}}
+    return data
+
+
+def validation_error_line(err: ValidationError, key: Callable[[tuple], str] | None = None,
+                          **by_type: Callable[[dict, str], str]) -> str:
+    """The first error of a pydantic validation as one line naming its dotted key (`by_type`: messages of
+    other error types, given the error and the key)."""
     e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"]) or "<root>"
+    where = key(e["loc"]) if key else ".".join(str(p) for p in e["loc"]) or "<root>"
+    if e["type"] in by_type:
+        return by_type[e["type"]](e, where)
     if e["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    return f"invalid value for '{key}': {e['msg']}"
+        return f"unknown key '{where}'"
+    if e["type"] == "missing":
+        return f"missing key '{where}'"
+    return f"invalid value for '{where}': {e['msg'].removeprefix('Value error, ')}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

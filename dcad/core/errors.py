@@ -21,3 +21,9 @@ class WeightsError(DcadError):
 
 class MetricsError(DcadError):
     """Inputs to the anomaly-detection metrics are inconsistent (the message names the argument)."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type's name if it has none), cut at `limit`."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]

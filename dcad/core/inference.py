@@ -13,8 +13,8 @@ from dcad.core.model.drdc import DRDC, Prediction
 BatchCallback = Callable[[int, int], None]  # (images done, images total)
 
 
-def loader_for(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+def loader_for(dataset: Dataset, batch_size: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 def predict_batches(
@@ -23,7 +23,6 @@ def predict_batches(
     batch_size: int,
     device: torch.device | str = "cpu",
     *,
-    use_given_category: bool = True,
     on_batch: BatchCallback | None = None,
 ) -> Iterator[tuple[dict, Prediction]]:
     """Yield (batch, prediction) pairs; predictions are moved to the CPU."""
@@ -31,8 +30,7 @@ def predict_batches(
     total, done = len(dataset), 0
     for batch in loader_for(dataset, batch_size):
         images = batch["image"].to(device)
-        cats = batch["category_index"].to(device) if use_given_category else None
-        pred = model(images, cats)
+        pred = model(images, batch["category_index"].to(device))
         pred = Prediction(*(t.cpu() if t is not None else None for t in vars(pred).values()))
         done += len(images)
         if on_batch:
@@ -50,7 +48,7 @@ def evaluate(
     on_batch: BatchCallback | None = None,
     evaluator: AnomalyEvaluator | None = None,
 ) -> dict:
-    """Metrics per category and their unweighted mean (DESIGN §3); maps are streamed, never kept."""
+    """Metrics per category and their unweighted mean (docs/design.md §3); maps are streamed, never kept."""
     evaluator = evaluator or AnomalyEvaluator(track_defect_types=track_defect_types)
     for batch, pred in predict_batches(model, dataset, batch_size, device, on_batch=on_batch):
         evaluator.update(

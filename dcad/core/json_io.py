@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,11 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | Path, data: Any) -> None:
+def write_json(path: str | Path, data: Any, *, atomic: bool = False) -> None:
+    """`atomic`: through a temporary file next to `path` and a rename (a crash never leaves half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
+    target = path.with_suffix(".tmp") if atomic else path
+    target.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
+    if atomic:
+        os.replace(target, path)

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from dcad.core.errors import DcadError
+from dcad.core.errors import DcadError, first_line
 
 
 def read_yaml_mapping(path: str | Path, what: str, error: type[DcadError] = DcadError, hint: str = "") -> dict[str, Any]:
@@ -18,7 +18,7 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[DcadError] = Dcad
     except OSError as err:
         raise error(f"{path}: cannot read {what} ({err.strerror})") from None
     except yaml.YAMLError as err:
-        raise error(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({first_line(err)})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -9,6 +9,11 @@ from typing import Iterator
 from dcad.core.errors import DcadError
 from dcad.platform.secrets import redact
 
+_STORE_MODULES = ("mlflow", "requests", "urllib3", "botocore", "boto3", "sqlalchemy")
+_NETWORK_HINTS = ("connection refused", "name or service not known", "timed out", "no route to host", "connection reset",
+                  "max retries exceeded")
+_AWS_ERROR = re.compile(r"AWS Error (?P<code>\w+) during \w+ operation: (?P<msg>[^;(\n]*)")  # pyarrow's S3 errors
+
 
 class PlatformError(DcadError):
     """Base of tracking, registry and storage errors: the message never carries a credential."""
@@ -39,31 +44,25 @@ class GateRefusedError(PlatformError):
 
 @contextmanager
 def store_errors(what: str, error: type[PlatformError] = TrackingError) -> Iterator[None]:
-    """Turn MLflow, HTTP and S3 client failures inside the block into one redacted line."""
+    """Turn MLflow, HTTP, S3 and OS failures inside the block into one redacted line."""
     try:
         yield
     except DcadError:
         raise
-    except Exception as err:  # MlflowException, requests/botocore errors, sqlite errors
-        if not _is_store_failure(err):
+    except Exception as err:
+        if type(err).__module__.split(".")[0] not in _STORE_MODULES and not isinstance(err, OSError):
             raise
         raise error(f"{what}: {describe(err)}") from None
 
 
-def _is_store_failure(err: Exception) -> bool:
-    module = type(err).__module__.split(".")[0]
-    return module in ("mlflow", "requests", "urllib3", "botocore", "boto3", "sqlalchemy") or isinstance(err, OSError)
-
-
-_NETWORK_HINTS = ("connection refused", "name or service not known", "timed out", "no route to host", "connection reset", "max retries exceeded")
-
-
 def describe(err: BaseException, limit: int = 300) -> str:
-    """A short, redacted reason: the network failure when there is one, else the first line of the message."""
+    """A short, redacted reason: the AWS error code and message, else the network failure, else the first line."""
     text = str(getattr(err, "message", None) or err or type(err).__name__).strip()
-    low = text.lower()
+    aws = _AWS_ERROR.search(text)
+    if aws:
+        return redact(f"{aws['code']}: {' '.join(aws['msg'].split())}")[:limit]
     for hint in _NETWORK_HINTS:
-        if hint in low:
+        if hint in text.lower():
             endpoint = re.search(r"url: (/[^\s(]*)", text)
             return hint + (f" ({endpoint.group(1)})" if endpoint else "")
     return redact(text.splitlines()[0] if text else type(err).__name__)[:limit]

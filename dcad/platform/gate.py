@@ -1,21 +1,18 @@
-"""The promotion gate: a candidate may not regress against the alias holder in any category.
-
-A candidate must first clear an absolute floor: the mean of every gate metric over its categories is
-at least `floor` (a first holder included; a model no better than chance is never promoted). Both
-models are then evaluated on the same data; for every category the incumbent was measured on and
-every gate metric, the candidate fails when `candidate < incumbent - tolerance`. A category the
-candidate was not measured on is a regression. Undefined values (nan: e.g. a category without
-anomalies) are reported and skipped.
-"""
+"""The promotion gate: the candidate clears a floor on its means and regresses in no category against the
+alias holder by more than the tolerance (rules in docs/cluster.md, "The model registry")."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 DEFAULT_GATE_METRICS = ("image_auroc", "pixel_auroc")
 DEFAULT_TOLERANCE = 0.01
 DEFAULT_FLOOR = 0.6
+
+
+def _defined(value) -> float | None:
+    return None if value is None or math.isnan(float(value)) else float(value)
 
 
 @dataclass
@@ -27,18 +24,14 @@ class GateRow:
 
     @property
     def delta(self) -> float | None:
-        if self.candidate is None or _nan(self.candidate) or _nan(self.incumbent):
-            return None
-        return self.candidate - self.incumbent
+        ours, theirs = _defined(self.candidate), _defined(self.incumbent)
+        return None if ours is None or theirs is None else ours - theirs
 
     def regressed(self, tolerance: float) -> bool:
-        if self.candidate is None:
-            return True
-        delta = self.delta
-        return delta is not None and delta < -tolerance
+        return self.candidate is None or (self.delta is not None and self.delta < -tolerance)
 
     def to_dict(self) -> dict:
-        return {"category": self.category, "metric": self.metric, "incumbent": self.incumbent, "candidate": self.candidate, "delta": self.delta}
+        return {**asdict(self), "delta": self.delta}
 
 
 @dataclass
@@ -63,45 +56,23 @@ class GateResult:
         return f"mean {shown} below the floor {self.floor:g}"
 
 
-def check_gate(
-    candidate: dict,
-    incumbent: dict | None,
-    metrics: tuple[str, ...] = DEFAULT_GATE_METRICS,
-    tolerance: float = DEFAULT_TOLERANCE,
-    floor: float = 0.0,
-) -> GateResult:
-    """Check the candidate's means against `floor`, then compare it with the incumbent per category and metric
-    (evaluation results: `{"categories": {cat: {metric: v}}, "mean": {metric: v}}`)."""
-    if tolerance < 0:
-        raise ValueError("tolerance must be >= 0")
-    below = below_floor(candidate, metrics, floor)
-    if incumbent is None:
-        return GateResult(tuple(metrics), tolerance, has_incumbent=False, floor=floor, below_floor=below)
-    rows = []
-    cand_cats = candidate.get("categories", {})
-    for cat, values in sorted(incumbent.get("categories", {}).items()):
+def check_gate(candidate: dict, incumbent: dict | None, metrics: tuple[str, ...] = DEFAULT_GATE_METRICS,
+               tolerance: float = DEFAULT_TOLERANCE, floor: float = 0.0) -> GateResult:
+    """Gate two evaluation results (`{"categories": {cat: {metric: v}}, "mean": {metric: v}}`)."""
+    result = GateResult(tuple(metrics), tolerance, has_incumbent=incumbent is not None, floor=floor,
+                        below_floor=below_floor(candidate, metrics, floor))
+    ours = candidate.get("categories", {})
+    for cat, values in sorted((incumbent or {}).get("categories", {}).items()):
         for metric in metrics:
-            theirs = values.get(metric)
-            if theirs is None:
-                continue
-            ours = cand_cats.get(cat, {}).get(metric) if cat in cand_cats else None
-            rows.append(GateRow(cat, metric, float(theirs), None if ours is None else float(ours)))
-    return GateResult(tuple(metrics), tolerance, rows, floor=floor, below_floor=below)
+            if values.get(metric) is not None:
+                mine = ours.get(cat, {}).get(metric)
+                result.rows.append(GateRow(cat, metric, float(values[metric]), None if mine is None else float(mine)))
+    return result
 
 
 def below_floor(result: dict, metrics: tuple[str, ...], floor: float) -> dict[str, float | None]:
     """The gate metrics whose mean is under `floor` (None: not measured), with the mean."""
     if floor <= 0:
         return {}
-    means = result.get("mean", {})
-    low = {}
-    for metric in metrics:
-        value = means.get(metric)
-        value = None if value is None or _nan(float(value)) else float(value)
-        if value is None or value < floor:
-            low[metric] = value
-    return low
-
-
-def _nan(value: float) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+    means = {metric: _defined(result.get("mean", {}).get(metric)) for metric in metrics}
+    return {metric: value for metric, value in means.items() if value is None or value < floor}

@@ -1,9 +1,5 @@
-"""Keep credentials out of everything dcad writes or prints: params, tags, artifacts, error messages.
-
-Secrets are the values of credential-like environment variables (AWS keys and session tokens,
-MLflow tokens and passwords, anything named *_SECRET*, *_TOKEN, *_PASSWORD, *_KEY) and the
-password part of URLs (`http://user:pass@host`). `redact` replaces each with `***`.
-"""
+"""Keep credentials out of what dcad writes or prints: the values of credential-like environment variables
+(AWS keys and tokens, MLflow tokens and passwords, *SECRET*, *_TOKEN, *_PASSWORD, *_KEY) and URL passwords."""
 
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ from typing import Any, Mapping
 
 MASK = "***"
 MIN_SECRET_LENGTH = 8  # shorter values ("true", "none") would mask ordinary words
-
 _SECRET_NAMES = re.compile(
     r"(^AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN|SECURITY_TOKEN)$)"
     r"|(^MLFLOW_TRACKING_(TOKEN|PASSWORD|USERNAME|CLIENT_CERT_PATH)$)"
@@ -28,29 +23,17 @@ def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAMES.search(name))
 
 
-def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of credential-like variables, longest first (so a secret containing another is masked whole)."""
-    env = os.environ if environ is None else environ
-    values = {v for k, v in env.items() if is_secret_name(k) and v and len(v) >= MIN_SECRET_LENGTH}
-    return sorted(values, key=len, reverse=True)
-
-
-def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
-    """`text` with every secret value and every URL password replaced by `***`."""
+def redact(text: str) -> str:
+    """`text` with every secret value (longest first) and every URL password replaced by `***`."""
     if not text:
         return text
-    for value in secret_values(environ):
+    secrets = {v for k, v in os.environ.items() if is_secret_name(k) and v and len(v) >= MIN_SECRET_LENGTH}
+    for value in sorted(secrets, key=len, reverse=True):
         text = text.replace(value, MASK)
     return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
 
 
-def redact_value(value: Any) -> Any:
-    """Redact strings; leave numbers, booleans and None as they are; stringify anything else."""
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return redact(str(value))
-
-
 def redact_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of `values` with each value redacted (keys are names, never secrets)."""
-    return {key: redact_value(value) for key, value in values.items()}
+    """A copy of `values`: numbers, booleans and None as they are, anything else redacted as a string (keys are
+    names, never secrets)."""
+    return {k: v if v is None or isinstance(v, (bool, int, float)) else redact(str(v)) for k, v in values.items()}

@@ -1,21 +1,17 @@
-"""The shared training stages of one sweep, kept in its storage: `STORAGE/NAME/stages/KIND-FINGERPRINT.pt`.
+"""The training stages a sweep's trials share, kept in its storage as `STORAGE/NAME/stages/KIND-FINGERPRINT.pt`.
 
-KIND is `features` (the feature cache of a dataset and backbone), `base` (a trained base branch) or
-`weights` (every trained weight of a model but its calibration); FINGERPRINT is
-`dcad.train.shared_stages.fingerprint` of the config keys that produced it. A trial looks up the latest
-stage it can start from (`best_start`) and publishes what it trained (`publish`), so trials that differ
-only in later keys train the earlier stages once. Local storage and S3 alike: a file is written whole
-(a temporary sibling renamed, or one S3 PUT), so a reader never loads half a stage.
+KIND is `features`, `base` or `weights` (every trained weight but the calibration); FINGERPRINT is
+`shared_stages.fingerprint` of the config keys that produced it. A stage is written whole (renamed, or one S3 PUT).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from dcad.platform.errors import describe
 from dcad.platform.storage import StorageLocation, download_file, upload_file
 from dcad.train import shared_stages as ss
 
@@ -47,19 +43,16 @@ class StageStore:
         if not self.has(kind, cfg):
             return None
         name = self.key(kind, cfg)
-        tmp = Path(tempfile.mkdtemp(prefix="dcad-stage-"))
         try:
-            local = tmp / name
-            if self.location.is_s3:
-                download_file(self.location.arrow_fs(), self.path(name), local)
-            else:
+            with tempfile.TemporaryDirectory(prefix="dcad-stage-", ignore_cleanup_errors=True) as tmp:
                 local = Path(self.path(name))
-            return _LOADERS[kind](local)
+                if self.location.is_s3:
+                    local = Path(tmp) / name
+                    download_file(self.location.arrow_fs(), self.path(name), local)
+                return _LOADERS[kind](local)
         except Exception as err:  # noqa: BLE001 - a damaged stage is trained again, never trusted
-            logger.warning(f"shared stage {name} unreadable ({str(err).splitlines()[0][:200]}); training it again")
+            logger.warning(f"shared stage {name} unreadable ({describe(err, 200)}); training it again")
             return None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def publish(self, kind: str, cfg, result) -> str:
         """Store `result` (a FeatureCache, TrainedBase or TrainedWeights) for the trainings after this one."""
@@ -67,23 +60,17 @@ class StageStore:
         if not self.location.is_s3:
             _SAVERS[kind](result, Path(self.path(name)))  # written to a temporary sibling, then renamed
             return name
-        tmp = Path(tempfile.mkdtemp(prefix="dcad-stage-"))
-        try:
-            _SAVERS[kind](result, tmp / name)
-            upload_file(self.location.arrow_fs(), tmp / name, self.path(name))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="dcad-stage-", ignore_cleanup_errors=True) as tmp:
+            _SAVERS[kind](result, Path(tmp) / name)
+            upload_file(self.location.arrow_fs(), Path(tmp) / name, self.path(name))
         return name
 
     def best_start(self, cfg):
-        """The latest stored stage `cfg` can start from (a `StageStart`): its trained weights, else its base,
-        else its features, else nothing."""
+        """The latest stored stage `cfg` can start from (a `StageStart`): its weights, else its base, else its features."""
         from dcad.train.pipeline import StageStart
 
         weights = self.fetch("weights", cfg)
         if weights is not None:
             return StageStart(weights=weights)
         base = self.fetch("base", cfg)
-        if base is not None:
-            return StageStart(base=base)
-        return StageStart(features=self.fetch("features", cfg))
+        return StageStart(base=base) if base is not None else StageStart(features=self.fetch("features", cfg))

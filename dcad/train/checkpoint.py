@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dcad.core.errors import ModelError
+from dcad.core.errors import ModelError, first_line
 
 REQUIRED_KEYS = ("stage", "epoch", "model", "optimizer", "scheduler")
 
@@ -36,8 +36,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{path}: not a readable dcad checkpoint ({reason})") from None
+        raise ModelError(f"{path}: not a readable dcad checkpoint ({first_line(err, 160)})") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
         raise ModelError(f"{path}: not a dcad training checkpoint (missing {', '.join(missing)})")

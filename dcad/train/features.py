@@ -1,4 +1,4 @@
-"""Backbone features of the training images, computed once and kept in memory (DESIGN §6).
+"""Backbone features of the training images, computed once and kept in memory (docs/design.md §6).
 
 The backbone is frozen, so re-running it at every step only burns time: the base branch trains on
 this cache for thousands of iterations in the time a few hundred image steps would take.
@@ -70,7 +70,6 @@ def compute_features(
     device: torch.device | str,
     *,
     hflip: bool = False,
-    num_workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> FeatureCache:
     """Run the frozen backbone once over `dataset` (with `hflip`, also over mirrored images: 2N items)."""
@@ -78,7 +77,7 @@ def compute_features(
         raise DatasetError("cannot compute features of an empty dataset")
     device = torch.device(device)
     extractor = extractor.to(device).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     chunks, indices, done = [], [], 0
     for batch in loader:
         images, index = _split_item(batch)

@@ -14,16 +14,18 @@ import hashlib
 import math
 import random
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from dcad.core.config import StageTrainConfig
-from dcad.core.errors import DcadError, ModelError
+from dcad.core.errors import DcadError, ModelError, first_line
 from dcad.train.stage import EpochCallback, EpochReport, StepCallback, TrainStage, batches_forever
 
 
@@ -33,23 +35,20 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """LR factor: linear warmup over `warmup` steps to 1, then cosine decay to 0 at `total` steps."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> LRScheduler:
+    """LR × (step+1)/warmup over the first `warmup` steps, then a cosine decay to 0 at step `total` (torch schedulers)."""
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    ramp = LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(warmup - 1, 1))
+    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-class WarmupCosine:
-    """Picklable-as-plain-dict LR lambda (LambdaLR stores its `__dict__` in the scheduler state)."""
-
-    def __init__(self, warmup: int, total: int) -> None:
-        self.warmup = warmup
-        self.total = total
-
-    def __call__(self, step: int) -> float:
-        return warmup_cosine(step, self.warmup, self.total)
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (torch's on every CUDA device too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -117,8 +116,7 @@ class _Trainer:
         if not self.params:
             raise ModelError(f"stage '{stage.name}': the module has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.schedule = WarmupCosine(cfg.warmup_iters, cfg.epochs * cfg.iters_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_iters, cfg.epochs * cfg.iters_per_epoch)
         self.rank, self.world = distributed_rank()
         self.start_epoch = 0
         self.completed = 0
@@ -131,11 +129,15 @@ class _Trainer:
         try:
             self.model.load_state_dict(_strip_ddp_prefix(state["model"]))
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            steps_done = int(state["scheduler"]["last_epoch"])
         except (KeyError, RuntimeError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0][:200]
-            raise ModelError(f"checkpoint of stage '{self.stage.name}' does not fit this model ({reason})") from None
-        self.scheduler.lr_lambdas[0] = self.schedule  # the current config defines the schedule
+            raise ModelError(f"checkpoint of stage '{self.stage.name}' does not fit this model ({first_line(err, 200)})") from None
+        # the current config defines the schedule: a fresh one, advanced to the checkpoint's step
+        self.scheduler = warmup_cosine(self.optimizer, self.cfg.warmup_iters, self.cfg.epochs * self.cfg.iters_per_epoch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": no training step here
+            for _ in range(steps_done):
+                self.scheduler.step()
         if "rng" in state:
             _set_rng_state(state["rng"])
         self.start_epoch = self.completed = int(state["epoch"])
@@ -157,7 +159,7 @@ class _Trainer:
     # ---- one epoch ------------------------------------------------------------------------------------
     def train_epoch(self, module: nn.Module, epoch: int, on_step: StepCallback | None) -> tuple[dict, dict]:
         epoch_seed = derive_seed(self.seed, self.stage.name, epoch, self.rank)
-        _seed_globals(epoch_seed)
+        seed_everything(epoch_seed)
         loss_generator = torch.Generator(device=self.device).manual_seed(derive_seed(epoch_seed, "loss"))
         batches = batches_forever(self._loader(epoch, epoch_seed))
         module.train()
@@ -208,7 +210,6 @@ class _Trainer:
             batch_size=self.cfg.batch_size,
             sampler=sampler,
             drop_last=size >= self.cfg.batch_size,
-            num_workers=int(getattr(self.stage, "num_workers", 0)),
             generator=generator,
             pin_memory=self.device.type == "cuda",
         )
@@ -245,12 +246,6 @@ def _cpu_copy(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_cpu_copy(v) for v in value)
     return value
-
-
-def _seed_globals(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def _rng_state() -> dict[str, Any]:

@@ -11,7 +11,6 @@ trained module in DDP); only the chief validates, writes checkpoints and calibra
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,10 +29,10 @@ from dcad.train.base_stage import BaseStage
 from dcad.train.calibrate import calibrate, fit_base_statistics
 from dcad.train.checkpoint import load_checkpoint, save_checkpoint
 from dcad.train.features import FeatureCache, compute_features
-from dcad.train.loop import fit_stage
+from dcad.train.loop import fit_stage, seed_everything
 from dcad.train.refiner_stage import RefinerStage
 from dcad.train.shared_stages import TrainedBase, TrainedWeights, load_into
-from dcad.train.stage import EpochCallback, EpochReport, StepCallback
+from dcad.train.stage import EpochCallback, EpochReport
 
 PhaseCallback = Callable[[str], None]
 SharedCallback = Callable[[str, object], None]  # ("features", FeatureCache) or ("base", TrainedBase)
@@ -51,7 +50,6 @@ class TrainRole:
 @dataclass
 class TrainHooks:
     on_epoch: EpochCallback | None = None
-    on_step: StepCallback | None = None
     on_phase: PhaseCallback | None = None
     on_shared: SharedCallback | None = None  # told each result another training could start from
     history: list[dict] = field(default_factory=list)
@@ -63,27 +61,6 @@ class TrainHooks:
     def shared(self, stage: str, result) -> None:
         if self.on_shared:
             self.on_shared(stage, result)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` (a GPU when there is one), or a torch device string; DcadError for one this machine lacks."""
-    from dcad.core.errors import DcadError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DcadError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1 …)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DcadError(f"--device {name}: no CUDA GPU on this machine (use --device cpu or auto)")
-    return device
 
 
 @torch.no_grad()
@@ -175,7 +152,6 @@ def _run_stage(stage, stage_cfg, cfg: DCADConfig, device, checkpoint_dir, resume
         seed=cfg.train.seed,
         amp=cfg.train.amp,
         on_epoch=_checkpointing(checkpoint_dir if role.chief else None, hooks),
-        on_step=hooks.on_step,
         resume=state,
         wrap_module=role.wrap_module,
     )

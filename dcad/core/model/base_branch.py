@@ -1,4 +1,4 @@
-"""The base branch: UniAD-like transformer reconstruction of frozen backbone features (DESIGN §1).
+"""The base branch: UniAD-like transformer reconstruction of frozen backbone features (docs/design.md §1).
 
 Tokens are the h×w feature positions. A linear layer projects C → D; encoder layers refine the
 tokens; each decoder layer starts from its own learned query (UniAD's layer-wise queries), attends to

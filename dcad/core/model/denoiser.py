@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from torch import Tensor, nn
 
-from dcad.core.config import RefinerConfig, SchedulerConfig
+from dcad.core.config import RefinerConfig
 from dcad.core.errors import ModelError
 
 IMAGE_CHANNELS = 3
@@ -61,7 +61,7 @@ def _build_unet(cfg: RefinerConfig, num_categories: int) -> UNet2DModel:
 
 
 class Denoiser(nn.Module):
-    """Conditional inpainting denoiser; predicts ε, v or x0 (per `cfg.scheduler.prediction_type`)."""
+    """Conditional inpainting denoiser; predicts ε, v or x0 (per `refiner.scheduler.prediction_type`)."""
 
     def __init__(self, cfg: RefinerConfig, num_categories: int) -> None:
         super().__init__()
@@ -154,45 +154,3 @@ class Denoiser(nn.Module):
         out = self(twice(x_t), twice(t), twice(context), twice(mask), twice(base_map), torch.cat([labels, null]))
         cond, uncond = out[:batch], out[batch:]
         return uncond + guidance_scale * (cond - uncond)
-
-
-def build_scheduler(cfg: SchedulerConfig) -> DDIMScheduler:
-    """The noise schedule (diffusers DDIM: `add_noise`, `get_velocity`, `alphas_cumprod`) from the config."""
-    return DDIMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule,
-        prediction_type=cfg.prediction_type,
-        clip_sample=False,
-    )
-
-
-def _alpha_terms(t: Tensor, alphas_cumprod: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    a = alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device).long()]
-    a = a.reshape(-1, *([1] * (like.dim() - 1)))
-    return a.sqrt(), (1.0 - a).sqrt()
-
-
-def predict_x0(model_output: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
-    """x̂0 from a model output: ε → (x_t − √(1−ᾱ)ε)/√ᾱ; v → √ᾱ·x_t − √(1−ᾱ)·v; sample → itself."""
-    if prediction_type == "sample":
-        return model_output
-    sqrt_a, sqrt_1ma = _alpha_terms(t, alphas_cumprod, x_t)
-    if prediction_type == "epsilon":
-        return (x_t - sqrt_1ma * model_output) / sqrt_a
-    if prediction_type == "v_prediction":
-        return sqrt_a * x_t - sqrt_1ma * model_output
-    raise ModelError(f"unknown prediction_type '{prediction_type}' (epsilon, v_prediction or sample)")
-
-
-def predict_eps(x0: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """The noise implied by x̂0 at x_t (used by deterministic DDIM steps)."""
-    sqrt_a, sqrt_1ma = _alpha_terms(t, alphas_cumprod, x_t)
-    return (x_t - sqrt_a * x0) / sqrt_1ma.clamp_min(1e-8)
-
-
-def q_sample(x0: Tensor, noise: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (per-sample t)."""
-    sqrt_a, sqrt_1ma = _alpha_terms(t, alphas_cumprod, x0)
-    return sqrt_a * x0 + sqrt_1ma * noise

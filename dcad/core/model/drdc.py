@@ -17,9 +17,10 @@ from dcad.core.config import ConfigError, DCADConfig, FusionConfig
 from dcad.core.errors import ModelError
 from dcad.core.model.backbone import FeatureExtractor
 from dcad.core.model.base_branch import BaseReconstructor
-from dcad.core.model.denoiser import Denoiser, build_scheduler
+from dcad.core.model.denoiser import Denoiser
 from dcad.core.model.fusion import RefinementStats, fuse, gaussian_blur, image_score
 from dcad.core.model.inpainting import InpaintingRefiner, fixed_noise
+from dcad.core.model.noise import build_scheduler
 from dcad.core.model.windows import crop_windows, paste_windows, peak_windows
 
 
@@ -33,23 +34,24 @@ class Prediction:
 
 
 class Calibration(nn.Module):
-    """Statistics fitted on validation data: map standardisation, thresholds, score range."""
+    """Statistics fitted on validation data: map standardisation, thresholds, score range.
 
-    def __init__(self, num_timesteps: int, num_scales: int, fusion: FusionConfig) -> None:
+    The thresholds are not part of the state dict: the model directory keeps them in its metadata."""
+
+    THRESHOLDS = ("image_threshold", "pixel_threshold")
+
+    def __init__(self, num_timesteps: int, num_scales: int, num_categories: int, map_size: int,
+                 fusion: FusionConfig) -> None:
         super().__init__()
         self.register_buffer("base_mean", torch.zeros(()))
         self.register_buffer("base_std", torch.ones(()))
-        self.refine = RefinementStats.from_config(num_timesteps, num_scales, fusion)
-        self.register_buffer("image_threshold", torch.tensor(float("nan")))
-        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
+        self.refine = RefinementStats.from_config(num_timesteps, num_scales, num_categories, map_size, fusion)
+        for name in self.THRESHOLDS:
+            self.register_buffer(name, torch.tensor(float("nan")), persistent=False)
         self.register_buffer("image_min", torch.tensor(float("nan")))
         self.register_buffer("image_max", torch.tensor(float("nan")))
         # Cascade (refiner.budget.skip_quantile): images whose base score is below this are not refined.
         self.register_buffer("refine_skip_score", torch.tensor(float("-inf")))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        state_dict.setdefault(prefix + "refine_skip_score", torch.tensor(float("-inf")))  # models saved before it
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def standardise_base(self, base_map: Tensor) -> Tensor:
         return (base_map - self.base_mean) / self.base_std.clamp_min(1e-8)
@@ -76,13 +78,18 @@ class DRDC(nn.Module):
         self.categories = list(categories)
         self.backbone = FeatureExtractor(cfg.backbone, cfg.data.image_size)
         self.base = BaseReconstructor(self.backbone.channels, self.backbone.grid, cfg.base, self.backbone.stage_channels)
-        self.uses_refiner = cfg.refiner.enabled and cfg.ablation.mode != "base_only"
-        self.denoiser = Denoiser(cfg.refiner, len(categories)) if self.uses_refiner else None
-        self.scheduler = build_scheduler(cfg.refiner.scheduler) if self.uses_refiner else None
+        self.denoiser = Denoiser(cfg.refiner, len(categories)) if cfg.uses_refiner else None
+        self.scheduler = build_scheduler(cfg.refiner.scheduler) if cfg.uses_refiner else None
         self.register_buffer("prototypes", torch.zeros(len(categories), self.backbone.channels))
-        self.calibration = Calibration(len(cfg.refiner.timesteps), len(cfg.refiner.patch_sizes), cfg.fusion)
+        self.calibration = Calibration(len(cfg.refiner.timesteps), len(cfg.refiner.patch_sizes), len(categories),
+                                       cfg.data.image_size, cfg.fusion)
 
     # ---- pieces ------------------------------------------------------------------------------
+    @property
+    def uses_refiner(self) -> bool:
+        """Whether this model has a denoiser and its config (e.g. `ablation.mode`) uses it."""
+        return self.denoiser is not None and self.cfg.uses_refiner
+
     @property
     def image_size(self) -> int:
         return self.cfg.data.image_size
@@ -244,5 +251,4 @@ def with_inference_overrides(model: DRDC, overrides: list[str] | None) -> DRDC:
     if cfg.ablation.mode != "base_only" and model.denoiser is None:
         raise ConfigError(f"--set ablation.mode={cfg.ablation.mode}: this model was trained without a refiner")
     model.cfg = cfg
-    model.uses_refiner = model.denoiser is not None and cfg.ablation.mode != "base_only"
     return model

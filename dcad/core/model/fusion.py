@@ -17,7 +17,7 @@ then a Gaussian blur. The image score is the max of the average-pooled final map
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -67,23 +67,21 @@ class RefinementStats(nn.Module):
     per position, smoothed by a Gaussian (``smooth_sigma`` px, pooling neighbouring pixels) and stored
     at 1/``stride`` resolution, with the std floored at ``min_std_ratio`` × the map's global std.
 
-    Why scalar by default: per-position statistics can remove errors that recur at the same place in
-    every normal image (the fixed inference noise; edges of well-aligned objects), but they need many
-    normal validation images per category. The default validation split holds ~4 normal images per
-    category and the synthetic objects are not pixel-aligned: there, per-pixel standardisation lowered
-    the refinement's mean pixel AUROC from 0.54 to 0.43. Use ``pixel`` with tens of aligned images per
-    category (MVTec-style objects).
+    Use ``pixel`` with tens of aligned normal images per category (docs/design.md §6 says why).
 
-    Statistics are kept per category when `fit` receives category indices (``(maps, categories)``
-    items), plus one pooled row used for unknown categories (and for every image when none are given).
-    Buffers are sized at `fit` (or when a state dict is loaded).
+    Statistics are kept per category (``num_categories`` rows, filled when `fit` receives ``(maps, categories)``
+    items), plus one pooled row used for unknown categories and categories without validation images (and for
+    every image when none are given). Buffers are sized here, from the arguments: ``map_size`` is the side of
+    the (square) maps that ``pixel`` statistics describe.
     """
 
     def __init__(
         self,
         num_timesteps: int,
         num_scales: int,
+        num_categories: int = 1,
         mode: str = "scalar",
+        map_size: int = 1,
         smooth_sigma: float = 4.0,
         stride: int = 2,
         min_std_ratio: float = 0.1,
@@ -91,17 +89,19 @@ class RefinementStats(nn.Module):
         super().__init__()
         if mode not in ("pixel", "scalar"):
             raise ConfigError(f"fusion.stats: unknown mode '{mode}' (pixel or scalar)")
-        self.num_timesteps, self.num_scales = num_timesteps, num_scales
+        self.num_timesteps, self.num_scales, self.num_categories = num_timesteps, num_scales, num_categories
         self.mode, self.smooth_sigma, self.stride, self.min_std_ratio = mode, smooth_sigma, stride, min_std_ratio
-        shape = (1, num_timesteps, num_scales, 1, 1)
+        side = 1 if mode == "scalar" else math.ceil(map_size / stride)
+        shape = (num_categories + 1, num_timesteps, num_scales, side, side)
         self.register_buffer("mean", torch.zeros(shape))
         self.register_buffer("std", torch.ones(shape))
-        self.register_buffer("count", torch.zeros(1))
+        self.register_buffer("count", torch.zeros(num_categories + 1))
         self.register_buffer("fitted", torch.tensor(False))
 
     @classmethod
-    def from_config(cls, num_timesteps: int, num_scales: int, cfg: FusionConfig) -> "RefinementStats":
-        return cls(num_timesteps, num_scales, mode=cfg.stats)
+    def from_config(cls, num_timesteps: int, num_scales: int, num_categories: int, map_size: int,
+                    cfg: FusionConfig) -> "RefinementStats":
+        return cls(num_timesteps, num_scales, num_categories, mode=cfg.stats, map_size=map_size)
 
     @property
     def is_fitted(self) -> bool:
@@ -113,7 +113,7 @@ class RefinementStats(nn.Module):
         """Items: refinement maps [B,T,S,H,W], or (maps, category_index [B]) for per-category rows.
 
         NaN marks pixels the refinement budget skipped: they are left out of the moments."""
-        acc = _MomentAccumulator()
+        acc = _MomentAccumulator(self.num_categories)
         for item in maps_iter:
             maps, cats = item if isinstance(item, (tuple, list)) else (item, None)
             self._check_maps(maps)
@@ -148,9 +148,13 @@ class RefinementStats(nn.Module):
         return mean.float(), std.float(), count.float()
 
     def _set(self, mean: Tensor, std: Tensor, count: Tensor) -> None:
-        device = self.mean.device
-        self.mean, self.std, self.count = mean.to(device), std.to(device), count.to(device)
-        self.fitted = torch.tensor(True, device=device)
+        if mean.shape != self.mean.shape:
+            raise ModelError(f"refinement statistics of shape {list(mean.shape)} do not fit buffers sized "
+                             f"{list(self.mean.shape)} (categories + pooled, timesteps, scales, map rows, map columns)")
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+        self.count.copy_(count)
+        self.fitted.fill_(True)
 
     # -- use --
     def standardise(self, maps: Tensor, category_index: Tensor | None = None) -> Tensor:
@@ -179,24 +183,17 @@ class RefinementStats(nn.Module):
                 f"(timesteps × scales), got {list(maps.shape)}"
             )
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name in ("mean", "std", "count"):  # buffers are sized by fit: adopt the stored shapes
-            stored = state_dict.get(prefix + name)
-            if stored is not None and stored.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(stored, device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
 
 class _MomentAccumulator:
     """Per-category (+ pooled last row) pixelwise sums of r and r² and counts of finite r, in float64."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_categories: int) -> None:
         self.s1: dict[int, Tensor] = {}
         self.s2: dict[int, Tensor] = {}
         self.pixels: dict[int, Tensor] = {}
         self.n: dict[int, int] = {}
         self.total = 0
-        self.max_category = -1
+        self.num_categories = num_categories
 
     @property
     def any_refined(self) -> bool:
@@ -222,12 +219,13 @@ class _MomentAccumulator:
             return
         cats = cats.to(maps.device).long()
         for c in cats.unique().tolist():
+            if c >= self.num_categories:
+                raise ModelError(f"refinement statistics: category index {c} but {self.num_categories} categories")
             if c >= 0:
                 self._add_row(c, maps[cats == c])
-                self.max_category = max(self.max_category, c)
 
     def moments(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        keys = list(range(self.max_category + 1)) + [-1]  # categories 0..K-1, then pooled
+        keys = list(range(self.num_categories)) + [-1]  # categories 0..K-1, then pooled
         like = self.s1[-1]
         s1 = torch.stack([self.s1.get(k, torch.zeros_like(like)) for k in keys])
         s2 = torch.stack([self.s2.get(k, torch.zeros_like(like)) for k in keys])

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from dcad.core.config import RefinerConfig
 from dcad.core.errors import ModelError
-from dcad.core.model.denoiser import Denoiser, build_scheduler, predict_eps, predict_x0, q_sample
+from dcad.core.model.denoiser import Denoiser
 from dcad.core.model.fusion import gaussian_blur
+from dcad.core.model.noise import build_scheduler, ddim_move, predict_x0
 from dcad.core.model.precision import uses_bfloat16
 
 
@@ -99,8 +100,7 @@ class InpaintingRefiner:
         self.denoiser = denoiser
         self.cfg = cfg
         self.scheduler = scheduler if scheduler is not None else build_scheduler(cfg.scheduler)
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
-        top = len(self.alphas_cumprod) - 1
+        top = self.scheduler.config.num_train_timesteps - 1
         bad = [t for t in cfg.timesteps if not 1 <= t <= top]
         if bad:
             raise ModelError(f"refiner.timesteps {bad} out of range [1, {top}] for num_train_timesteps={top + 1}")
@@ -162,19 +162,18 @@ class InpaintingRefiner:
 
     def _predict_clean(self, x: Tensor, noise: Tensor, tau: Tensor, mask: Tensor, base: Tensor | None, labels: Tensor | None) -> Tensor:
         """x̂0 of one chunk: from x_τ in one step, or by deterministic DDIM steps (known region re-noised)."""
-        ac = self.alphas_cumprod
-        x_t = q_sample(x, noise, tau, ac)
+        sched = self.scheduler
+        x_t = sched.add_noise(x, noise, tau)
         context = x * (1.0 - mask)
         n = self.cfg.ddim_steps
         schedule = torch.tensor([ddim_schedule(int(t), n) for t in tau.tolist()], device=x.device)  # [N, n]
         for k in range(n):
             t = schedule[:, k]
-            x0 = predict_x0(self._model(x_t, t, context, mask, base, labels), x_t, t, ac, self.cfg.scheduler.prediction_type)
+            x0 = predict_x0(sched, self._model(x_t, t, context, mask, base, labels), t, x_t)
             if k == n - 1:
                 break
             t_next = schedule[:, k + 1]
-            moved = q_sample(x0, predict_eps(x0, x_t, t, ac), t_next, ac)  # DDIM, η = 0
-            x_t = mask * moved + (1.0 - mask) * q_sample(x, noise, t_next, ac)
+            x_t = mask * ddim_move(sched, x_t, x0, t, t_next) + (1.0 - mask) * sched.add_noise(x, noise, t_next)
         return x0
 
     def _model(self, x_t: Tensor, t: Tensor, context: Tensor, mask: Tensor, base: Tensor | None, labels: Tensor | None) -> Tensor:

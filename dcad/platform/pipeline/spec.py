@@ -1,33 +1,24 @@
-"""The pipeline file as a typed spec (pydantic); `load.py` reads it and checks what pydantic cannot.
-
-    name: quickstart
-    work_dir: .dcad/pipelines/quickstart      # relative to the current directory
-    experiment: dcad-quickstart
-    steps:
-      - {name: data, kind: synth, categories: [brick, hex_nut], train: 12, test: 8}
-      - {name: train, kind: train, profile: tiny, data: "${steps.data.data}"}
-      - {name: register, kind: register, model_name: dcad-quickstart}
-      - {name: promote, kind: promote, model_name: dcad-quickstart, alias: champion}
-
-Steps run in order. A field may hold `${work_dir}`, `${name}` or `${steps.STEP.KEY}` (an output of an
-earlier step); `data`, `run_id` and `model` left out are taken from the latest earlier step that produced
-`data`, `run_id` or `model_uri` (implicit passing).
-"""
+"""The pipeline file as a typed spec (pydantic) and its `${...}` references; `load.py` checks what pydantic cannot."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Iterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dcad.core.metrics import METRIC_KEYS
+from dcad.platform.errors import PlatformError
 from dcad.platform.gate import DEFAULT_FLOOR, DEFAULT_GATE_METRICS, DEFAULT_TOLERANCE
-from dcad.platform.store import DEFAULT_EXPERIMENT
+from dcad.platform.mlflow_store import DEFAULT_EXPERIMENT
 
 STEP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+class PipelineError(PlatformError):
+    """The pipeline file is invalid, or a step's inputs cannot be resolved."""
 
 
 class _Strict(BaseModel):
@@ -43,6 +34,12 @@ class StepSpec(_Strict):
 
     def inputs(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"name", "kind"})
+
+    def implicit(self, earlier: list[StepSpec]) -> dict[str, str]:
+        """Each empty IMPLICIT field as a reference to the latest earlier step with that output."""
+        producers = {key: s.name for s in earlier for key in type(s).OUTPUTS}
+        return {f: f"${{steps.{producers[key]}.{key}}}" for f, key in self.IMPLICIT.items()
+                if getattr(self, f) is None and key in producers}
 
     def digest(self) -> str:
         """Changes when the step's own fields change (so --resume runs it again)."""
@@ -138,7 +135,7 @@ class PromoteStep(StepSpec):
 
 STEP_TYPES = (SynthStep, CheckStep, TrainStep, SweepStep, EvaluateStep, RegisterStep, PromoteStep)
 KINDS = tuple(t.model_fields["kind"].annotation.__args__[0] for t in STEP_TYPES)
-AnyStep = Annotated[Union[SynthStep, CheckStep, TrainStep, SweepStep, EvaluateStep, RegisterStep, PromoteStep], Field(discriminator="kind")]
+AnyStep = Annotated[Union[STEP_TYPES], Field(discriminator="kind")]
 
 
 class PipelineSpec(_Strict):
@@ -150,5 +147,43 @@ class PipelineSpec(_Strict):
     device: str = "auto"
     steps: list[AnyStep] = Field(min_length=1)
 
-    def step(self, name: str) -> StepSpec:
-        return next(s for s in self.steps if s.name == name)
+
+# `${...}` references inside step fields: `${work_dir}`, `${name}` and `${steps.STEP.KEY}` (an earlier step's output).
+REF = re.compile(r"\$\{([^}]*)\}")
+STEP_REF = re.compile(r"^steps\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)$")
+GLOBAL_NAMES = ("work_dir", "name")
+
+
+def references(value: Any) -> Iterator[str]:
+    """Every reference expression (the text inside `${}`) in a nested value."""
+    if isinstance(value, str):
+        yield from (m.group(1).strip() for m in REF.finditer(value))
+    elif isinstance(value, (dict, list, tuple)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from references(item)
+
+
+def resolve(value: Any, scope: dict[str, Any], outputs: dict[str, dict[str, Any]], keep_unknown: bool = False) -> Any:
+    """`value` with references substituted; a string that is exactly one reference takes the output's type.
+    With `keep_unknown`, references to outputs that do not exist yet stay as written (for --dry-run)."""
+    if isinstance(value, dict):
+        return {k: resolve(v, scope, outputs, keep_unknown) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, scope, outputs, keep_unknown) for v in value]
+    if not isinstance(value, str):
+        return value
+    whole = REF.fullmatch(value.strip())
+    if whole:
+        return _lookup(whole.group(1).strip(), scope, outputs, keep_unknown, value)
+    return REF.sub(lambda m: str(_lookup(m.group(1).strip(), scope, outputs, keep_unknown, m.group(0))), value)
+
+
+def _lookup(expr: str, scope: dict[str, Any], outputs: dict[str, dict[str, Any]], keep_unknown: bool, raw: str) -> Any:
+    if expr in scope:
+        return scope[expr]
+    match = STEP_REF.match(expr)
+    if match and match.group(2) in outputs.get(match.group(1), {}):
+        return outputs[match.group(1)][match.group(2)]
+    if keep_unknown:
+        return raw
+    raise PipelineError(f"reference ${{{expr}}} has no value (the step it names has not produced '{expr.rsplit('.', 1)[-1]}')")

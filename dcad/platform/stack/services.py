@@ -1,178 +1,148 @@
-"""How each stack service is started and when it counts as ready: PostgreSQL, S3 (moto_server), MLflow, Ray head."""
+"""How a stack service is spawned, recorded and waited for; the S3 endpoint, the MLflow server and the Ray head."""
 
 from __future__ import annotations
 
 import os
+import pwd
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from contextlib import suppress
 from pathlib import Path
 from typing import Callable
 
+import requests
+
+from dcad.platform.errors import describe
 from dcad.platform.secrets import redact
-from dcad.platform.stack import postgres
-from dcad.platform.stack.errors import StackError
-from dcad.platform.stack.procs import free_port, identify, listening, spawn, stop
-from dcad.platform.stack.state import ServiceRecord
+from dcad.platform.stack.procs import ProcessId, free_port, identify, listening
+from dcad.platform.stack.state import ServiceRecord, StackError, StackOptions, StackState
+from dcad.platform.storage import CHECKSUM_ENV, DEFAULT_REGION, list_keys, s3_client
 
-CHECKSUMS = {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
-REGION = "us-east-1"
-
-
-@dataclass
-class Launch:
-    """One service to start: command, environment, and a readiness probe."""
-
-    name: str
-    cmd: list[str]
-    env: dict[str, str]
-    host: str
-    port: int
-    url: str
-    log: Path
-    ready: Callable[[], bool]
-    user: str | None = None
-    details: dict = field(default_factory=dict)
-    cwd: Path | None = None
+Ready = Callable[[], ServiceRecord]  # waits until the service is ready, then gives its record
+PART = ".dcad-part"
 
 
-def launch(item: Launch, timeout: float) -> ServiceRecord:
-    """Start the service and wait until its probe passes (see `wait_ready`)."""
-    return wait_ready(item, start(item), timeout)
+def start(opts: StackOptions, state: StackState, name: str, cmd: list[str], env: dict[str, str], port: int, url: str,
+          probe: Callable[[], bool], details: dict, user: str | None = None, cwd: Path | None = None) -> Ready:
+    """Spawn a service (output to STATE_DIR/NAME.log) and record it at once, so `down` stops it even if it never gets ready."""
+    log = opts.state_dir / f"{name}.log"
+    with log.open("ab") as fh:  # its own session: it outlives this process
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True,
+                                user=user, group=user and pwd.getpwnam(user).pw_gid, extra_groups=[] if user else None)
+    while (who := identify(proc.pid)) is None and proc.poll() is None:  # right after exec, /proc may not show the command line yet
+        time.sleep(0.01)
+    who = who or ProcessId(proc.pid, 0, tuple(cmd))
+    record = ServiceRecord(name, who.pid, who.start_time, list(who.cmdline), opts.host, port, url, str(log), details)
+    state.add(record)
+
+    def ready() -> ServiceRecord:
+        deadline = time.monotonic() + opts.timeout_s
+        while proc.poll() is None:
+            with suppress(Exception):  # not ready yet (connection refused, half-started server)
+                if probe():
+                    return record
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} was not ready on port {port} after {opts.timeout_s:.0f} s (log {log})")
+            time.sleep(0.3)
+        lines = log.read_text(errors="replace").strip().splitlines()
+        last = redact(lines[-1])[:300] if lines else "no output"
+        raise StackError(f"{name} exited with code {proc.returncode} while starting: {last} (log {log})")
+
+    return ready
 
 
-def start(item: Launch) -> subprocess.Popen:
-    """Start the service without waiting (services that do not depend on each other start together)."""
-    return spawn(item.cmd, item.log, item.env, user=item.user, cwd=item.cwd)
+def clean_env(*drop: str) -> dict[str, str]:
+    """This process's environment without credentials and client settings the services must not inherit."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS", *drop))}
 
 
-def wait_ready(item: Launch, proc: subprocess.Popen, timeout: float) -> ServiceRecord:
-    """Wait until the probe passes; StackError (naming its log) if the process exits or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while not _probe(item):
-        if proc.poll() is not None:
-            raise StackError(f"{item.name} exited with code {proc.returncode} while starting: {_last_line(item.log)} (log {item.log})")
-        if time.monotonic() > deadline:
-            who = identify(proc.pid)
-            if who is not None:
-                stop(who)
-            raise StackError(f"{item.name} was not ready on port {item.port} after {timeout:.0f} s (log {item.log})")
-        time.sleep(0.3)
-    who = identify(proc.pid)
-    if who is None:
-        raise StackError(f"{item.name} (pid {proc.pid}) disappeared right after starting (log {item.log})")
-    return ServiceRecord(item.name, who.pid, who.start_time, list(who.cmdline), item.host, item.port, item.url, str(item.log), item.details)
-
-
-def _probe(item: Launch) -> bool:
-    try:
-        return bool(item.ready())
-    except Exception:  # noqa: BLE001 - not ready yet (connection refused, half-started server)
-        return False
-
-
-def _last_line(log: Path) -> str:
-    try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "no log"
-    return redact(lines[-1])[:300] if lines else "no output"
-
-
-def _http_ok(url: str) -> bool:
-    import requests
-
-    return requests.get(url, timeout=2).status_code < 500
-
-
-def executable(name: str) -> str:
+def _executable(name: str) -> str:
     """A console script of this environment (next to the interpreter), else from PATH."""
-    local = Path(sys.executable).with_name(name)
-    found = str(local) if local.exists() else shutil.which(name)
+    found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if not found:
         raise StackError(f"'{name}' is not installed in this environment (pip install 'dcad[dev]')")
     return found
 
 
-def clean_env(drop: tuple[str, ...] = ("AWS_", "MLFLOW_", "RAY_ADDRESS")) -> dict[str, str]:
-    """This process's environment without credentials and client settings the services must not inherit."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+def start_s3(opts: StackOptions, state: StackState) -> Ready:
+    url = f"http://{opts.host}:{opts.s3_port}"
+    return start(opts, state, "s3", [_executable("moto_server"), "-H", opts.host, "-p", str(opts.s3_port)], clean_env(), opts.s3_port, url,
+                 lambda: requests.get(url + "/moto-api/", timeout=2).status_code < 500,
+                 {"kind": "moto_server (objects kept in STATE_DIR/s3-data across down/up)"})
 
 
-# ---- the services ------------------------------------------------------------------------------------
-def postgres_launch(binaries: postgres.PostgresBinaries, state_dir: Path, host: str, port: int) -> Launch:
-    user = postgres.run_as_user()
-    data_dir = postgres.data_dir_for(state_dir, user)
-    log = state_dir / "postgres.log"
-    postgres.init_cluster(binaries, data_dir, user, log)
-    env = {k: v for k, v in clean_env().items() if not k.startswith("PG")}
-    return Launch("postgres", postgres.server_command(binaries, data_dir, host, port), env, host, port,
-                  postgres.backend_uri(host, port), log, lambda: listening(host, port), user,
-                  {"data_dir": str(data_dir), "run_as": user or "", "bin_dir": str(binaries.bin_dir)}, cwd=data_dir)
+def bucket_dir(state_dir: Path, bucket: str) -> Path:
+    return state_dir / "s3-data" / bucket
 
 
-def s3_launch(state_dir: Path, host: str, port: int) -> Launch:
+def _s3(endpoint: str):
+    return s3_client(endpoint, aws_access_key_id="dcadstack", aws_secret_access_key="moto-accepts-any-key", region_name=DEFAULT_REGION)
+
+
+def restore_bucket(endpoint: str, bucket: str, state_dir: Path) -> int:
+    """Create the bucket in the new endpoint and upload the saved copy into it; returns the number of objects restored."""
+    client, root = _s3(endpoint), bucket_dir(state_dir, bucket)
+    client.create_bucket(Bucket=bucket)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(PART))
+    for path in files:
+        client.upload_file(str(path), bucket, path.relative_to(root).as_posix())
+    return len(files)
+
+
+def save_bucket(endpoint: str, bucket: str, state_dir: Path, log: Callable[[str], None]) -> None:
+    """Mirror the bucket into STATE_DIR/s3-data, each file renamed into place (an interrupted save keeps the old copy)."""
+    client, root = _s3(endpoint), bucket_dir(state_dir, bucket)
+    try:
+        keys = list_keys(client, bucket)
+        for key in keys:
+            target = root / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(target) + PART)
+            os.replace(str(target) + PART, target)
+        wanted = {root / key for key in keys}
+        for path in [p for p in root.rglob("*") if p.is_file() and p not in wanted]:
+            path.unlink()
+    except Exception as err:  # noqa: BLE001 - reported, and nothing is stopped that would lose data
+        raise StackError(f"s3: saving bucket {bucket} to {root} failed ({describe(err)}); "
+                         "the S3 endpoint is left running: run dcad stack down again") from None
+    log(f"s3        {len(keys)} object(s) of bucket {bucket} kept in {root}")
+
+
+def start_mlflow(opts: StackOptions, state: StackState, backend_uri: str, backend_kind: str, s3_endpoint: str) -> Ready:
+    """Artifacts proxied to s3://BUCKET/mlflow; the backend URI travels in the environment, so no password shows in `ps`."""
+    host, port, artifacts = opts.host, opts.mlflow_port, f"s3://{opts.bucket}/mlflow"
     url = f"http://{host}:{port}"
-    return Launch("s3", [executable("moto_server"), "-H", host, "-p", str(port)], clean_env(), host, port, url,
-                  state_dir / "s3.log", lambda: _http_ok(url + "/moto-api/"), details={"kind": "moto_server (objects kept in STATE_DIR/s3-data across down/up)"})
-
-
-def s3_credentials() -> dict[str, str]:
-    """Throw-away keys for the local S3 endpoint (moto accepts any); passed to the MLflow server only, never stored."""
-    import secrets
-
-    return {"AWS_ACCESS_KEY_ID": "dcadstack" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
-            "AWS_DEFAULT_REGION": REGION}
-
-
-def create_bucket(endpoint: str, bucket: str, credentials: dict[str, str]) -> None:
-    from dcad.platform.s3 import s3_client
-
-    client = s3_client(endpoint, aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
-                       aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"], region_name=REGION)
-    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-    if bucket not in existing:
-        client.create_bucket(Bucket=bucket)
-
-
-def mlflow_launch(state_dir: Path, host: str, port: int, backend_uri: str, artifacts: str, s3_endpoint: str,
-                  credentials: dict[str, str]) -> Launch:
-    """The backend URI travels in the environment (MLFLOW_BACKEND_STORE_URI), so no password shows in `ps`."""
-    url = f"http://{host}:{port}"
-    allowed = ",".join([f"{host}:{port}", f"localhost:{port}", host, "localhost"])
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
-           "--serve-artifacts", "--artifacts-destination", artifacts, "--allowed-hosts", allowed]
-    env = {**clean_env(), **credentials, **CHECKSUMS, "MLFLOW_BACKEND_STORE_URI": backend_uri,
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1", "--serve-artifacts",
+           "--artifacts-destination", artifacts, "--allowed-hosts", f"{host}:{port},localhost:{port},{host},localhost"]
+    # throw-away S3 keys (moto accepts any), only in the server's environment, never stored
+    keys = {"AWS_ACCESS_KEY_ID": "dcadstack" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
+    env = {**clean_env(), **CHECKSUM_ENV, **keys, "AWS_DEFAULT_REGION": DEFAULT_REGION, "MLFLOW_BACKEND_STORE_URI": backend_uri,
            "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return Launch("mlflow", cmd, env, host, port, url, state_dir / "mlflow.log", lambda: _http_ok(url + "/health"),
-                  details={"backend": redact(backend_uri), "artifacts_destination": artifacts})
+    return start(opts, state, "mlflow", cmd, env, port, url, lambda: requests.get(url + "/health", timeout=2).status_code < 500,
+                 {"backend": redact(backend_uri), "artifacts_destination": artifacts, "backend_kind": backend_kind})
 
 
-def ray_launch(state_dir: Path, host: str, port: int, tracking_uri: str, cpus: int | None, object_store_mb: int) -> Launch:
-    """`ray start --head --block` with every auxiliary port chosen free and a private temp dir (short: unix sockets)."""
-    temp_dir = tempfile.mkdtemp(prefix="dcad-stack-ray-", dir="/tmp")
-    log = state_dir / "ray.log"
-    cmd = [executable("ray"), "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", host,
-           "--port", str(port), "--temp-dir", temp_dir, "--include-dashboard", "false",
-           "--object-store-memory", str(object_store_mb * 1024 * 1024), *_ray_ports(host)]
-    if cpus is not None:
-        cmd += ["--num-cpus", str(cpus)]
-    env = {**clean_env(("AWS_", "MLFLOW_", "RAY_ADDRESS")), "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": tracking_uri}
+def start_ray(opts: StackOptions, state: StackState) -> Ready:
+    """`ray start --head --block` with free auxiliary ports (8265 may be another head's) and a short private temp dir."""
+    host, port, log = opts.host, opts.ray_port, opts.state_dir / "ray.log"
+    temp_dir = tempfile.mkdtemp(prefix="dcad-stack-ray-", dir="/tmp")  # short: Ray's unix socket paths are limited
+    ports = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--metrics-export-port", "--runtime-env-agent-port", "--dashboard-port")
+    cmd = [_executable("ray"), "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", host, "--port", str(port),
+           "--temp-dir", temp_dir, "--include-dashboard", "false", "--object-store-memory", str(512 * 2**20),
+           *(item for name in ports for item in (name, str(free_port(host))))]
+    if opts.ray_cpus is not None:
+        cmd += ["--num-cpus", str(opts.ray_cpus)]
     offset = log.stat().st_size if log.exists() else 0
-    return Launch("ray", cmd, env, host, port, f"{host}:{port}", log, lambda: listening(host, port) and _started(log, offset),
-                  details={"temp_dir": temp_dir})
 
+    def started() -> bool:
+        with log.open("rb") as fh:
+            fh.seek(offset)
+            return b"Ray runtime started" in fh.read() and listening(host, port)
 
-def _ray_ports(host: str) -> list[str]:
-    names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-             "--metrics-export-port", "--runtime-env-agent-port", "--dashboard-port")  # 8265 may be another head's
-    return [item for name in names for item in (name, str(free_port(host)))]
-
-
-def _started(log: Path, offset: int) -> bool:
-    with log.open("rb") as fh:
-        fh.seek(offset)
-        return b"Ray runtime started" in fh.read()
+    env = {**clean_env(), "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": f"http://{host}:{opts.mlflow_port}"}
+    return start(opts, state, "ray", cmd, env, port, f"{host}:{port}", started, {"temp_dir": temp_dir})

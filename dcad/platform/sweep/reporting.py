@@ -1,5 +1,4 @@
-"""What a sweep records: its MLflow parent run, trial records, the best trial (validation only), the
-Pareto front, Optuna plots (matplotlib PNGs), and the best model registered with the `challenger` alias."""
+"""What a sweep records: MLflow parent run, trial records, best trial, Pareto front, plots, `challenger` model."""
 
 from __future__ import annotations
 
@@ -7,15 +6,26 @@ import json
 import math
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from dcad.platform.errors import describe
+from dcad.platform.leaderboard import pareto_front as front_of
 from dcad.platform.sweep.spec import SweepSpec
 
 DONE_KEY = "trial_done"  # 1.0 in a trial's last result once it trained and was evaluated
+FLOOR_METRICS = ("val_image_auroc", "val_pixel_auroc")
+_NOT_METRICS = {"timestamp", "pid", "training_iteration", "time_this_iter_s", "time_total_s", "time_since_restore",
+                "iterations_since_restore", "report_time", "fit_start", "fit_end", "infer_start", "eval_start",
+                "eval_end", "train_start", "train_end", DONE_KEY}
 
 Log = Callable[[str], None]
+
+
+def is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -52,94 +62,65 @@ class SweepResult:
     study_storage: str = ""
     stage_seconds: dict[str, list[float]] = field(default_factory=dict)  # e.g. shared_base: [start, end] (wall clock)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-# ---- trial records -------------------------------------------------------------------------------
 def trial_record(result, spec: SweepSpec, interrupted: bool = False) -> TrialRecord:
-    """A trial's `ray.tune.Result` as the sweep reports it (after an interruption, an unfinished trial is
-    `incomplete`; without one, a trial that ended unfinished was stopped by ASHA)."""
+    """A trial's `ray.tune.Result` as the sweep reports it: an unfinished trial is `incomplete` after an
+    interruption, else (with results) `stopped` by ASHA."""
     last = dict(result.metrics or {})
     finished = last.get(DONE_KEY) == 1.0
     if result.error is not None:
         status = "failed"
     elif finished:
         status = "finished"
-    elif last and not interrupted:
-        status = "stopped"
     else:
-        status = "incomplete"
-    metrics = {k: float(v) for k, v in last.items() if _is_metric(k, v)}
+        status = "stopped" if last and not interrupted else "incomplete"
+    metrics = {k: float(v) for k, v in last.items() if k not in _NOT_METRICS and is_finite(v)}
     objectives = {o.metric: metrics[o.metric] for o in spec.objective if o.metric in metrics} if finished else {}
-    error = error_line(result.error) if result.error is not None else None
-    return TrialRecord(
-        trial_id_of(result), status, dict(result.config or {}), last.get("mlflow_run_id"), objectives, metrics,
-        float(last.get("resumed_from_epoch", 0.0) or 0.0), error,
-    )
+    # the trial id is in every result, and in the trial directory's name (`trial_<id>`)
+    trial_id = str(last.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_"))
+    return TrialRecord(trial_id, status, dict(result.config or {}), last.get("mlflow_run_id"), objectives, metrics,
+                       float(last.get("resumed_from_epoch", 0.0) or 0.0), error_line(result.error))
 
 
-def trial_id_of(result) -> str:
-    """The Tune trial id: in every reported result, and in the trial directory's name (`trial_<id>`)."""
-    if (result.metrics or {}).get("trial_id"):
-        return str(result.metrics["trial_id"])
-    return Path(str(result.path)).name.removeprefix("trial_")
-
-
-def error_line(err: BaseException | None) -> str:
-    """The last line of a failed trial's error."""
-    lines = [line.strip() for line in str(err or "").splitlines() if line.strip()]
-    return (lines[-1] if lines else "failed (see the trial's error.txt)")[:300]
-
-
-_SKIP = {"timestamp", "pid", "training_iteration", "time_this_iter_s", "time_total_s", "time_since_restore",
-         "iterations_since_restore", "report_time", "fit_start", "fit_end", "infer_start", "eval_start", "eval_end",
-         "train_start", "train_end", DONE_KEY}
-
-
-def _is_metric(key: str, value: Any) -> bool:
-    return key not in _SKIP and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# ---- best trial and Pareto front -----------------------------------------------------------------
-def dominates(a: dict[str, float], b: dict[str, float], spec: SweepSpec) -> bool:
-    better = False
-    for o in spec.objective:
-        x, y = (a[o.metric], b[o.metric]) if o.mode == "max" else (-a[o.metric], -b[o.metric])
-        if x < y:
-            return False
-        better = better or x > y
-    return better
+def error_line(err: BaseException | None) -> str | None:
+    """The last line of a failed trial's error (Ray's traceback ends with the exception's own line)."""
+    if err is None:
+        return None
+    lines = str(err).strip().splitlines()
+    return (lines[-1].strip() if lines else "failed (see the trial's error.txt)")[:300]
 
 
 def pareto_front(records: list[TrialRecord], spec: SweepSpec) -> list[TrialRecord]:
     scored = [r for r in records if r.status == "finished" and len(r.objectives) == len(spec.objective)]
-    return [r for r in scored if not any(dominates(o.objectives, r.objectives, spec) for o in scored if o is not r)]
+    return front_of(scored, spec.objectives, lambda r: r.objectives)
 
 
 def best_trial(records: list[TrialRecord], spec: SweepSpec) -> BestTrial | None:
-    """Best finished trial on the objectives (validation metrics and measured costs only; never test).
-
-    With several objectives: the Pareto-front trial best on the first objective.
-    """
+    """The finished trial on the Pareto front of the objectives (validation and costs, never test), best on the first."""
     front = pareto_front(records, spec)
     if not front:
         return None
-    primary = spec.primary
-    sign = 1.0 if primary.mode == "max" else -1.0
-    best = max(front, key=lambda r: sign * r.objectives[primary.metric])
+    sign = 1.0 if spec.primary.mode == "max" else -1.0
+    best = max(front, key=lambda r: sign * r.objectives[spec.primary.metric])
     return BestTrial(best.trial_id, best.run_id, best.params, best.objectives)
 
 
-# ---- the MLflow parent run -----------------------------------------------------------------------
 def open_parent(spec: SweepSpec, tracking_uri: str | None, run_id: str | None, log: Log):
-    """Create the sweep's parent run (or reopen it on resume); logs the spec and the sweep settings."""
+    """Create the sweep's parent run (or reopen it on resume), with the spec and the sweep's settings."""
     from dcad.platform.tracking import TrackingOptions, start_run
 
-    tags = {"dcad.sweep": spec.name, "dcad.sweep_series": spec.series or spec.name, "dcad.objectives": json.dumps([o.model_dump() for o in spec.objective])}
+    tags = {"dcad.sweep": spec.name, "dcad.sweep_series": spec.series or spec.name,
+            "dcad.objectives": json.dumps([o.model_dump() for o in spec.objective])}
     tracker = start_run(TrackingOptions(tracking_uri, spec.experiment, spec.name, tags=tags), "sweep", run_id=run_id)
     if run_id is None:
-        tracker.log_params(sweep_params(spec))
+        tracker.log_params({
+            "sweep.name": spec.name, "sweep.base": spec.base.profile or spec.base.config, "sweep.dataset": spec.dataset,
+            "sweep.num_trials": spec.num_trials, "sweep.max_concurrent": spec.max_concurrent,
+            "sweep.sampler": spec.sampler.type, "sweep.seed": spec.sampler.seed,
+            "sweep.objective": ",".join(f"{m}:{mode}" for m, mode in spec.objectives),
+            "sweep.early_stopping": json.dumps(spec.early_stopping.model_dump()) if spec.early_stopping else "none",
+            "sweep.search_space": ",".join(spec.search_space), "sweep.workers": spec.resources.workers,
+        })
         with tempfile.TemporaryDirectory(prefix="dcad-sweep-") as tmp:
             path = Path(tmp) / "sweep.yaml"
             path.write_text(spec.to_yaml())
@@ -148,38 +129,20 @@ def open_parent(spec: SweepSpec, tracking_uri: str | None, run_id: str | None, l
     return tracker
 
 
-def sweep_params(spec: SweepSpec) -> dict[str, Any]:
-    return {
-        "sweep.name": spec.name,
-        "sweep.base": spec.base.profile or spec.base.config,
-        "sweep.dataset": spec.dataset,
-        "sweep.num_trials": spec.num_trials,
-        "sweep.max_concurrent": spec.max_concurrent,
-        "sweep.sampler": spec.sampler.type,
-        "sweep.seed": spec.sampler.seed,
-        "sweep.objective": ",".join(f"{o.metric}:{o.mode}" for o in spec.objective),
-        "sweep.early_stopping": json.dumps(spec.early_stopping.model_dump()) if spec.early_stopping else "none",
-        "sweep.search_space": ",".join(spec.search_space),
-        "sweep.workers": spec.resources.workers,
-    }
-
-
-def record_outcome(tracker, result: SweepResult, spec: SweepSpec) -> None:
-    """Best trial (tags and `best_*` metrics) and trial counts on the parent run."""
+def record_outcome(tracker, result: SweepResult) -> None:
+    """Trial counts, and the best trial (tags and `best_*` metrics), on the parent run."""
     statuses = [t.status for t in result.trials]
     tracker.log_metrics({f"trials_{s}": float(statuses.count(s)) for s in ("finished", "stopped", "failed", "incomplete")})
     best = result.best_trial
-    if best is None:
-        return
-    tracker.set_tags({"dcad.best_trial_id": best.trial_id, "dcad.best_run_id": best.run_id or "",
-                      "dcad.best_params": json.dumps(best.params), "dcad.pareto_trials": ",".join(result.pareto)})
-    tracker.log_metrics({f"best_{k}": v for k, v in best.objectives.items()})
+    if best is not None:
+        tracker.set_tags({"dcad.best_trial_id": best.trial_id, "dcad.best_run_id": best.run_id or "",
+                          "dcad.best_params": json.dumps(best.params), "dcad.pareto_trials": ",".join(result.pareto)})
+        tracker.log_metrics({f"best_{k}": v for k, v in best.objectives.items()})
 
 
 def end_orphaned_trials(parent, log: Log) -> None:
-    """Trial runs left RUNNING by a process that died (the driver's SIGKILL took its trials along, or the OOM
-    killer took one) end FAILED, tagged `dcad.orphaned`. Run when a sweep resumes (a trial that Tune then
-    continues reopens its run) and when it ends (by then every writer of an earlier driver is gone)."""
+    """End FAILED (tagged `dcad.orphaned`) the trial runs left RUNNING by a process that died; run when a sweep
+    resumes and when it ends (by then every writer of an earlier driver is gone)."""
     from dcad.platform.tracking import end_orphaned_runs
 
     ended = end_orphaned_runs(parent.client, parent.experiment_id, f"tags.mlflow.parentRunId = '{parent.run_id}'",
@@ -189,43 +152,39 @@ def end_orphaned_trials(parent, log: Log) -> None:
 
 
 def mark_stopped_children(client, records: list[TrialRecord]) -> None:
-    """Children that ASHA stopped or an interruption left behind are ended as KILLED (not left RUNNING).
-
-    An ASHA stop can reach the trial function as an exception, whose handler ends the run FAILED;
-    the stop is what happened, so such a run becomes KILLED too."""
+    """End KILLED the runs of trials that ASHA stopped (also when the stop reached the trial as an exception and
+    its handler ended the run FAILED) or that an interruption left RUNNING."""
     for r in records:
         if r.run_id and r.status in ("stopped", "incomplete"):
             try:
-                run = client.get_run(r.run_id)
-                if run.info.status == "RUNNING" or (r.status == "stopped" and run.info.status == "FAILED"):
+                status = client.get_run(r.run_id).info.status
+                if status == "RUNNING" or (r.status == "stopped" and status == "FAILED"):
                     client.set_tag(r.run_id, "dcad.trial_status", r.status)
                     client.set_terminated(r.run_id, "KILLED")
             except Exception:  # noqa: BLE001 - best effort; the sweep's own result is what matters
                 pass
 
 
-# ---- Optuna plots ----------------------------------------------------------------------------------
-def log_study_plots(tracker, study, spec: SweepSpec, log: Log) -> list[str]:
-    """History, parameter importance and (several objectives) Pareto-front PNGs under `plots/`."""
+def log_study_plots(tracker, study_storage: str, spec: SweepSpec, log: Log) -> None:
+    """History, parameter importance and (several objectives) Pareto-front PNGs of the sweep's study under `plots/`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import optuna
     import optuna.visualization.matplotlib as ovm
 
+    study = optuna.load_study(study_name=spec.name, storage=study_storage)
     names = [o.metric for o in spec.objective]
-    plots: dict[str, Callable[[], Any]] = {}
+    history = ovm.plot_optimization_history
     if spec.multi_objective:
-        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=names)
+        plots = {"pareto_front.png": partial(ovm.plot_pareto_front, study, target_names=names)}
         for i, name in enumerate(names):
-            plots[f"history_{name}.png"] = lambda i=i, name=name: ovm.plot_optimization_history(
-                study, target=lambda t: t.values[i], target_name=name)
-        plots["param_importances.png"] = lambda: ovm.plot_param_importances(
-            study, target=lambda t: t.values[0], target_name=names[0])
+            plots[f"history_{name}.png"] = partial(history, study, target=lambda t, i=i: t.values[i], target_name=name)
+        first = {"target": lambda t: t.values[0]}
     else:
-        plots["history.png"] = lambda: ovm.plot_optimization_history(study, target_name=names[0])
-        plots["param_importances.png"] = lambda: ovm.plot_param_importances(study, target_name=names[0])
-    written = []
+        plots, first = {"history.png": partial(history, study, target_name=names[0])}, {}
+    plots["param_importances.png"] = partial(ovm.plot_param_importances, study, target_name=names[0], **first)
     with tempfile.TemporaryDirectory(prefix="dcad-plots-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "experimental" plot functions, importance with few trials
         for filename, draw in plots.items():
@@ -234,15 +193,9 @@ def log_study_plots(tracker, study, spec: SweepSpec, log: Log) -> list[str]:
                 figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
                 figure.savefig(Path(tmp) / filename, dpi=100, bbox_inches="tight")
                 plt.close(figure)
-                written.append(filename)
             except Exception as err:  # noqa: BLE001 - e.g. importance needs 2+ finished trials
-                log(f"plot {filename} skipped ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})")
+                log(f"plot {filename} skipped ({describe(err, 200)})")
         tracker.log_artifacts(Path(tmp), "plots")
-    return written
-
-
-# ---- registry ----------------------------------------------------------------------------------------
-FLOOR_METRICS = ("val_image_auroc", "val_pixel_auroc")
 
 
 def below_register_floor(records: list[TrialRecord], best: BestTrial, spec: SweepSpec) -> str:
@@ -256,12 +209,8 @@ def below_register_floor(records: list[TrialRecord], best: BestTrial, spec: Swee
 
 
 def register_best(client, spec: SweepSpec, best: BestTrial, data: Path, tracking_uri: str, log=None) -> str:
-    """Register the best trial's model under `spec.register_best` with the `challenger` alias; its version.
-
-    Goes through `registry.promote` (lineage tags, alias history) with the trial's own test evaluation
-    as the candidate's record; the alias always moves (a sweep's best is the challenger by definition;
-    promotion to champion stays the gated `dcad promote`).
-    """
+    """Register the best trial's model as `spec.register_best` @challenger through `registry.promote`, with the
+    trial's own test evaluation as its record; the alias always moves (champion stays the gated `dcad promote`)."""
     from dcad.platform.evaluation import uri_evaluator
     from dcad.platform.registry import PromotionRequest, promote
 
@@ -285,5 +234,5 @@ def recorded_evaluation(client, run_id: str) -> dict | None:
             categories.setdefault(category, {})[metric] = value
     if not categories:
         return None
-    mean = {k[len("test_"):]: v for k, v in metrics.items() if k.startswith("test_") and "/" not in k}
+    mean = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_") and "/" not in k}
     return {"categories": categories, "mean": mean}

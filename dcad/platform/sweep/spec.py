@@ -1,15 +1,10 @@
 """A sweep spec (`sweeps/*.yaml`): what to search, how to judge it, and where to keep it.
 
-Loaded from YAML into `SweepSpec` (pydantic). Every error is one line that names the file and the key:
-unknown keys, a search-space key that is not a field of `DCADConfig`, a range bound or a choice the
-config refuses (each bound and choice is applied to the base config at load time), a condition on a
-parameter that does not exist (or comes later), an objective on the test split (the test split never
-steers a sweep), a sampler that cannot handle the objectives.
+Every error is one line naming the file and the key; each range bound and choice is tried on the base config.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -17,13 +12,12 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dcad.core.config import PROFILES, ConfigError, DCADConfig, load_config
+from dcad.core.config import PROFILES, ConfigError, DCADConfig, load_config, validation_error_line
 from dcad.core.errors import DcadError
 from dcad.core.yaml_io import read_yaml_mapping
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-# Measured inside a trial on the test split's images; cost metrics only (never a quality metric).
-MEASURED_METRICS = ("ms_per_image", "train_seconds")
+MEASURED_METRICS = ("ms_per_image", "train_seconds")  # measured inside a trial: costs, never a quality metric
 TRIAL_CPUS = 0.01  # a multi-worker trial only drives its Ray Train run; 0 is refused by Ray
 
 
@@ -37,71 +31,53 @@ class _Strict(BaseModel):
 
 Scalar = Union[bool, int, float, str, None]
 Choice = Union[Scalar, list[Scalar]]
+Condition = Annotated[dict[str, Any] | None, Field(description="Only sampled when these parameters have these values.")]
 
 
-class FloatParam(_Strict):
-    type: Literal["float"]
-    low: float
-    high: float
-    log: bool = False
-    when: dict[str, Any] | None = Field(None, description="Only sampled when these parameters have these values.")
+class _Range(_Strict):
+    """A numeric parameter: `low < high`; a log scale needs `low > 0` (and step 1)."""
 
     @model_validator(mode="after")
-    def _range(self) -> "FloatParam":
+    def _range(self):
         if not self.low < self.high:
-            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
-        if self.log and self.low <= 0:
-            raise ValueError("a log-scale range needs low > 0")
+            fmt = "g" if isinstance(self.low, float) else ""
+            raise ValueError(f"low ({self.low:{fmt}}) must be below high ({self.high:{fmt}})")
+        if self.log and (self.low <= 0 or getattr(self, "step", 1) != 1):
+            raise ValueError("a log-scale int range needs low > 0 and step 1" if hasattr(self, "step") else
+                             "a log-scale range needs low > 0")
         return self
 
     def probes(self) -> list[Any]:
         return [self.low, self.high]
 
 
-class IntParam(_Strict):
+class FloatParam(_Range):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    when: Condition = None
+
+
+class IntParam(_Range):
     type: Literal["int"]
     low: int
     high: int
     step: int = Field(1, ge=1)
     log: bool = False
-    when: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _range(self) -> "IntParam":
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        if self.log and (self.low <= 0 or self.step != 1):
-            raise ValueError("a log-scale int range needs low > 0 and step 1")
-        return self
-
-    def probes(self) -> list[Any]:
-        return [self.low, self.high]
+    when: Condition = None
 
 
 class CategoricalParam(_Strict):
     type: Literal["categorical"]
     choices: list[Choice] = Field(min_length=1)
-    when: dict[str, Any] | None = None
+    when: Condition = None
 
     def probes(self) -> list[Any]:
         return list(self.choices)
 
-    def labels(self) -> list[Scalar]:
-        """What Optuna sees: scalars as they are, lists as their JSON text (Optuna takes scalars only)."""
-        return [encode_choice(c) for c in self.choices]
-
 
 Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
-
-
-def encode_choice(choice: Choice) -> Scalar:
-    return json.dumps(choice) if isinstance(choice, list) else choice
-
-
-def decode_choice(label: Scalar) -> Choice:
-    if isinstance(label, str) and label.startswith("["):
-        return json.loads(label)
-    return label
 
 
 class Objective(_Strict):
@@ -174,7 +150,6 @@ class SweepSpec(_Strict):
     series: str | None = Field(None, exclude=True, description=(
         "The spec's own name when this run of it got a numbered one (NAME-2, NAME-3 …; set by the planner)."))
 
-    # ---- derived -------------------------------------------------------------------------------------
     @property
     def multi_objective(self) -> bool:
         return len(self.objective) > 1
@@ -184,22 +159,29 @@ class SweepSpec(_Strict):
         return self.objective[0]
 
     @property
-    def asha_metric(self) -> tuple[str, str] | None:
-        if self.early_stopping is None:
-            return None
-        es = self.early_stopping
-        metric = es.metric or self.primary.metric
-        same = {o.metric: o.mode for o in self.objective}
-        return metric, es.mode or same.get(metric) or ("min" if metric.endswith("loss") else "max")
+    def objectives(self) -> list[tuple[str, str]]:
+        return [(o.metric, o.mode) for o in self.objective]
 
-    def spec_dir(self) -> Path:
-        return Path(self.source).resolve().parent if self.source else Path.cwd()
+    @property
+    def asha_metric(self) -> tuple[str, str] | None:
+        es = self.early_stopping
+        if es is None:
+            return None
+        metric = es.metric or self.primary.metric
+        return metric, es.mode or dict(self.objectives).get(metric) or ("min" if metric.endswith("loss") else "max")
+
+    @property
+    def shares_base(self) -> bool:
+        """No swept key changes the base branch (or the features): every trial trains the same one."""
+        from dcad.train.shared_stages import trained_stages
+
+        return not trained_stages(list(self.search_space)) & {"features", "base"}
 
     def config_path(self) -> Path | None:
         if self.base.config is None:
             return None
-        path = Path(self.base.config)
-        return path if path.is_absolute() else self.spec_dir() / path
+        spec_dir = Path(self.source).resolve().parent if self.source else Path.cwd()
+        return spec_dir / self.base.config  # an absolute `config` stays itself
 
     def base_config(self, params: dict[str, Any] | None = None) -> DCADConfig:
         """The trial's config: base profile or file, the spec's overrides, then the sampled `params`."""
@@ -213,38 +195,28 @@ class SweepSpec(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-# ---- loading ---------------------------------------------------------------------------------------
 def load_sweep_spec(path: str | Path) -> SweepSpec:
     """Read, parse and validate a sweep spec (SweepSpecError naming the file and key on any problem)."""
-    path = Path(path)
-    data = read_yaml_mapping(path, "sweep spec", SweepSpecError)
-    return parse_sweep_spec(data, str(path))
+    return parse_sweep_spec(read_yaml_mapping(path, "sweep spec", SweepSpecError), str(path))
 
 
 def parse_sweep_spec(data: dict[str, Any], source: str = "sweep spec") -> SweepSpec:
     try:
         spec = SweepSpec.model_validate({**data, "source": source if source != "sweep spec" else None})
-    except ValidationError as err:
-        raise SweepSpecError(f"{source}: {_first_error(err)}") from None
-    try:
         check_spec(spec)
+    except ValidationError as err:
+        raise SweepSpecError(f"{source}: {validation_error_line(err, _spec_key)}") from None
     except (ValueError, ConfigError) as err:
         raise SweepSpecError(f"{source}: {err}") from None
     return spec
 
 
-def _first_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
-    # a union of parameter kinds reports under the kind's name: keep the key, drop the kind
-    loc = [p for p in loc if p not in ("FloatParam", "IntParam", "CategoricalParam", "float", "int", "categorical")]
-    key = ".".join(loc) or "<root>"
-    if e["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if e["type"] == "missing":
-        return f"missing key '{key}'"
-    msg = e["msg"].removeprefix("Value error, ")
-    return f"invalid value for '{key}': {msg}"
+_PARAM_KINDS = ("FloatParam", "IntParam", "CategoricalParam", "float", "int", "categorical")  # no key of the spec
+
+
+def _spec_key(loc: tuple) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith(("function-after", "tagged-union")) and str(p) not in _PARAM_KINDS]
+    return ".".join(parts) or "<root>"
 
 
 def check_spec(spec: SweepSpec) -> None:
@@ -253,8 +225,20 @@ def check_spec(spec: SweepSpec) -> None:
         raise ValueError(f"invalid value for 'name': '{spec.name}' (letters, digits, '.', '_', '-'; at most 64)")
     _check_base(spec)
     _check_conditions(spec.search_space)
-    _check_objectives(spec)
-    _check_sampler(spec)
+    names = [o.metric for o in spec.objective]
+    if len(set(names)) != len(names):
+        raise ValueError(f"invalid value for 'objective': metric listed twice ({names})")
+    for i, name in enumerate(names):
+        key = f"objective.{i}.metric"
+        if name.startswith("test_"):
+            raise ValueError(f"invalid value for '{key}': '{name}' is a test-split metric; sweeps select on validation (val_*) only")
+        if not (name.startswith("val_") or name in MEASURED_METRICS):
+            raise ValueError(f"invalid value for '{key}': '{name}' (use a validation metric val_* or one of {', '.join(MEASURED_METRICS)})")
+    if spec.sampler.type == "cmaes":
+        if spec.multi_objective:
+            raise ValueError("invalid value for 'sampler.type': cmaes handles one objective only (use tpe or nsga2)")
+        if any(p.when for p in spec.search_space.values()):
+            raise ValueError("invalid value for 'sampler.type': cmaes cannot sample conditional parameters (use tpe)")
     _check_early_stopping(spec)
 
 
@@ -272,11 +256,8 @@ def _check_base(spec: SweepSpec) -> None:
             try:
                 spec.base_config({key: value})
             except ConfigError as err:
-                raise ValueError(f"search_space.{key}: value {value!r} is refused by the config ({_reason(err)})") from None
-
-
-def _reason(err: ConfigError) -> str:
-    return str(err).split(": ", 1)[-1]
+                reason = str(err).split(": ", 1)[-1]
+                raise ValueError(f"search_space.{key}: value {value!r} is refused by the config ({reason})") from None
 
 
 def check_config_key(key: str) -> None:
@@ -295,61 +276,35 @@ def check_config_key(key: str) -> None:
 
 
 def _check_conditions(space: dict[str, Param]) -> None:
+    """A `when` names an earlier parameter, and (of a categorical one) only its choices."""
     seen: dict[str, Param] = {}
     for key, param in space.items():
         for other, wanted in (param.when or {}).items():
             if other not in seen:
                 later = " (it must come before this one)" if other in space else ""
                 raise ValueError(f"search_space.{key}.when: '{other}' is not an earlier parameter of the search space{later}")
-            values = wanted if isinstance(wanted, list) else [wanted]
             parent = seen[other]
-            if isinstance(parent, CategoricalParam):
-                bad = [v for v in values if v not in parent.choices]
-                if bad:
-                    raise ValueError(f"search_space.{key}.when: {bad} not among the choices of '{other}' {parent.choices}")
+            bad = [v for v in (wanted if isinstance(wanted, list) else [wanted]) if v not in parent.probes()]
+            if bad and isinstance(parent, CategoricalParam):
+                raise ValueError(f"search_space.{key}.when: {bad} not among the choices of '{other}' {parent.choices}")
         seen[key] = param
 
 
-def _check_objectives(spec: SweepSpec) -> None:
-    names = [o.metric for o in spec.objective]
-    if len(set(names)) != len(names):
-        raise ValueError(f"invalid value for 'objective': metric listed twice ({names})")
-    for i, name in enumerate(names):
-        check_objective_metric(name, f"objective.{i}.metric")
-
-
-def check_objective_metric(name: str, key: str) -> None:
-    if name.startswith("test_"):
-        raise ValueError(f"invalid value for '{key}': '{name}' is a test-split metric; sweeps select on validation (val_*) only")
-    if not (name.startswith("val_") or name in MEASURED_METRICS):
-        raise ValueError(f"invalid value for '{key}': '{name}' (use a validation metric val_* or one of {', '.join(MEASURED_METRICS)})")
-
-
-def _check_sampler(spec: SweepSpec) -> None:
-    if spec.sampler.type == "cmaes":
-        if spec.multi_objective:
-            raise ValueError("invalid value for 'sampler.type': cmaes handles one objective only (use tpe or nsga2)")
-        if any(p.when for p in spec.search_space.values()):
-            raise ValueError("invalid value for 'sampler.type': cmaes cannot sample conditional parameters (use tpe)")
-
-
 def _check_early_stopping(spec: SweepSpec) -> None:
-    es = spec.early_stopping
-    if es is None:
+    if spec.early_stopping is None:
         return
-    metric = es.metric or spec.primary.metric
+    es, (metric, _) = spec.early_stopping, spec.asha_metric
     if not metric.startswith("val_"):
         raise ValueError(f"invalid value for 'early_stopping.metric': ASHA needs a validation metric (val_*), not '{metric}'")
-    from dcad.train.shared_stages import trained_stages, uses_refiner
 
     cfg = spec.base_config()
     base_epochs = cfg.train.base.epochs
-    total = base_epochs + (cfg.train.refiner.epochs if uses_refiner(cfg) else 0)
+    total = base_epochs + (cfg.train.refiner.epochs if cfg.uses_refiner else 0)
     if es.grace_period > total:
         raise ValueError(f"invalid value for 'early_stopping.grace_period': {es.grace_period} exceeds the {total} epochs a trial trains")
-    if trained_stages(list(spec.search_space)) & {"features", "base"}:
+    if not spec.shares_base:
         return
-    # every swept key leaves the base stage alone: trials only differ once the refiner trains
+    # every trial trains the same base branch: trials only differ once the refiner trains
     if es.grace_period <= base_epochs:
         raise ValueError(
             f"invalid value for 'early_stopping.grace_period': {es.grace_period} is within the {base_epochs} base-branch epochs, "

@@ -1,20 +1,10 @@
-"""The sweep directory `STORAGE/NAME`: its state file (MLflow parent run, Optuna study) and its layout.
-
-    STORAGE/NAME/sweep_state.json   parent run id, study storage URL, spec digest, when it started
-    STORAGE/NAME/spec.yaml          the spec as it was first run
-    STORAGE/NAME/optuna.db          the Optuna study (local storage only; see search.study_url)
-    STORAGE/NAME/tune/              the Tune experiment (what `Tuner.restore` reads; one-worker trials'
-                                    checkpoints in tune/trial_ID/checkpoint_*)
-    STORAGE/NAME/stages/            training stages the trials share (`dcad.platform.stage_store`)
-    STORAGE/NAME/trials/trial-ID/   a multi-worker trial's Ray Train run (checkpoints)
-"""
+"""The sweep directory `STORAGE/NAME` and its state file (MLflow parent run, Optuna study); layout in docs/cluster.md."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from dcad.platform.errors import PlatformError
@@ -23,6 +13,7 @@ from dcad.platform.sweep.spec import SweepSpec
 
 STATE_FILE = "sweep_state.json"
 SPEC_FILE = "spec.yaml"
+STUDY_DB = "optuna.db"
 TUNE_DIR = "tune"
 
 
@@ -64,10 +55,8 @@ class SweepDir:
 
     def read_state(self) -> SweepState | None:
         text = read_text(self.storage, self.path(STATE_FILE))
-        if text is None:
-            return None
         try:
-            return SweepState(**json.loads(text))
+            return None if text is None else SweepState(**json.loads(text))
         except (ValueError, TypeError):
             raise SweepError(f"{self.describe()}/{STATE_FILE}: unreadable sweep state (delete the sweep directory to start over)") from None
 
@@ -75,25 +64,26 @@ class SweepDir:
         self.write_text(STATE_FILE, json.dumps(asdict(state), indent=2))
 
     def write_text(self, name: str, text: str) -> None:
-        fs = self.storage.arrow_fs()
         if self.local_dir is not None:
             self.local_dir.mkdir(parents=True, exist_ok=True)
-        with fs.open_output_stream(self.path(name)) as out:
+        with self.storage.arrow_fs().open_output_stream(self.path(name)) as out:
             out.write(text.encode("utf-8"))
+
+    def study_url(self, spec: SweepSpec) -> str:
+        """The Optuna storage: the spec's `study_storage`, else sqlite in the sweep directory (under the local
+        dcad home for a sweep on S3, where sqlite cannot live)."""
+        from dcad.platform.mlflow_store import dcad_home
+
+        directory = self.local_dir or dcad_home() / "sweeps" / self.name
+        return spec.study_storage or f"sqlite:///{directory.resolve() / STUDY_DB}"
 
 
 def sweep_dir(spec: SweepSpec, storage: str | None = None) -> SweepDir:
     """The sweep's directory: `--storage` (or the spec's `storage`) joined with the sweep name."""
-    location = resolve_storage(storage or spec.storage, Path(spec.storage))
-    return SweepDir(location, spec.name)
+    return SweepDir(resolve_storage(storage or spec.storage, Path(spec.storage)), spec.name)
 
 
 def spec_digest(spec: SweepSpec) -> str:
     """A digest of what decides the trials (search space, objectives, base config, data); resources may change."""
-    keys = ("base", "dataset", "search_space", "objective", "sampler", "early_stopping", "num_trials")
-    data = spec.model_dump(mode="json", include=set(keys))
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def now_utc() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    keys = {"base", "dataset", "search_space", "objective", "sampler", "early_stopping", "num_trials"}
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json", include=keys), sort_keys=True).encode()).hexdigest()[:16]
