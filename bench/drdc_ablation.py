@@ -66,12 +66,14 @@ def test_metrics(model: DRDC, test, batch_size: int) -> dict:
 
 
 def retrain_refiner(model_dir: Path, overrides: list[str], splits, work: Path) -> tuple[DRDC, float]:
-    """Train a new denoiser on the finished base branch of `model_dir` (its checkpoint), then calibrate."""
+    """Train a new denoiser on the finished base branch of `model_dir` (its checkpoint; a patch memory, which has
+    none, is fitted again: the same coreset, it is deterministic), then calibrate."""
     cfg = load_model(model_dir).cfg
     cfg = DCADConfig.from_dict(_with_overrides(cfg, overrides))
     checkpoints = work / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(model_dir / "checkpoints" / "base.pt", checkpoints / "base.pt")
+    if (model_dir / "checkpoints" / "base.pt").is_file():
+        shutil.copy2(model_dir / "checkpoints" / "base.pt", checkpoints / "base.pt")
     start = time.perf_counter()
     model, _ = train_drdc(cfg, splits, device=torch.device("cpu"), checkpoint_dir=checkpoints, resume=True)
     return model.eval(), time.perf_counter() - start

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from contextlib import ExitStack
 
 import pytest
@@ -65,3 +66,37 @@ def test_training_goes_on_while_the_tracking_server_is_down_and_every_write_arri
         models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
         assert [m.status for m in models] == [LoggedModelStatus.READY]  # one model, whole
         assert run.data.tags["dcad.model_uri"] == f"models:/{models[0].model_id}"
+
+
+def test_a_write_buffer_that_gives_up_keeps_no_copies_and_reports_no_refusal(tmp_path, monkeypatch):
+    """Files queued for upload are copied aside (the caller's directory may go); when `drain` gives up on the
+    store, nothing more is sent, so the copies go too, and the write cut short is not taken for a refusal."""
+    import tempfile
+
+    from dcad.platform import tracking_buffer
+    from dcad.platform.tracking_buffer import WriteBuffer
+
+    spools = tmp_path / "tmp"
+    spools.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spools))
+    monkeypatch.setattr(tracking_buffer, "BACKOFF_S", (0.05,))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"x" * 1024)
+    sent = []
+
+    def upload(path):  # like a real upload: the store refuses the connection, or the file is not there
+        sent.append(path.is_dir())
+        if not path.is_dir():
+            raise FileNotFoundError(path)
+        raise ConnectionError("Connection refused")
+
+    buffer = WriteBuffer("http://127.0.0.1:1")
+    buffer.submit("upload artifacts", upload, source=model)
+    assert buffer.pending == 1 and len(list(spools.glob("dcad-tracking-spool-*"))) == 1
+    assert buffer.drain(0.3) is False
+    assert list(spools.glob("dcad-tracking-spool-*")) == []
+    wait_for(lambda: len(sent) >= 2 and not sent[-1], 10, "the replay thread's retry of the discarded copy")
+    time.sleep(0.2)
+    assert buffer.broken is None
+    assert buffer.submit("log metrics", lambda: sent.append("late")) is None and "late" not in sent

@@ -4,8 +4,9 @@
 the first time a method needs it; the methods here are views on it:
 
 - `drdc`            the full model (base map fused with the refinement maps);
-- `drdc_base_only`  the base branch alone (UniAD-like): `ablation.mode=base_only` at evaluation; its
-                    training time is the base stage's (the refiner is not needed for it);
+- `drdc_base_only`  the base map alone (the profile's `base.map`: the patch memory in the shipped profiles, or the
+                    UniAD-like reconstruction error): `ablation.mode=base_only` at evaluation; its training time is
+                    the base stage's (the refiner is not needed for it);
 - `drdc_refine_only` the refinement maps alone (`ablation.mode=refine_only`, still base-guided);
 - `reverse_diffusion` the same trained denoiser run as a full reverse chain (deterministic DDIM from
                     T/2 in `steps` steps, masked regions only; the lead's `reverse_diffusion_variant`)
@@ -112,8 +113,9 @@ class DRDCMethod:
 
     batch_size = 16
     _INFO = {
-        "full": MethodInfo("DRDC: transformer base map fused with one-step diffusion inpainting refinement", True),
-        "base_only": MethodInfo("DRDC base branch only (UniAD-like feature reconstruction)", True,
+        "full": MethodInfo("DRDC: base map (the profile's base.map) fused with one-step diffusion inpainting refinement",
+                           True),
+        "base_only": MethodInfo("DRDC base map only (patch memory or feature reconstruction, per base.map)", True,
                                 note="same model as drdc, evaluated with ablation.mode=base_only"),
         "refine_only": MethodInfo("DRDC refinement maps alone, every pixel refined (the base map still guides the "
                                   "denoiser)", True, note="same model as drdc, ablation.mode=refine_only, "

@@ -51,7 +51,29 @@ class BackboneConfig(_Strict):
         return v
 
 
+class MemoryConfig(_Strict):
+    """The patch memory of `base.map: memory`: nearest-neighbour distances to normal training patches
+    (PatchCore-style), one coreset per category."""
+
+    stride: int = Field(4, ge=1, description="The memory's grid: image_size / stride patches a side.")
+    pool: int = Field(3, ge=1, description="Each backbone stage averaged over pool × pool neighbours (odd).")
+    coreset_ratio: float = Field(0.1, gt=0.0, le=1.0, description="Share of each category's training patches kept "
+                                 "(greedy k-centre).")
+    projection_dim: int = Field(128, ge=0, description="Random projection of the coreset's distances (0: none).")
+
+    @field_validator("pool")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"must be odd, got {value}")
+        return value
+
+
 class BaseBranchConfig(_Strict):
+    map: Literal["reconstruction", "memory"] = Field(
+        "reconstruction", description="The base map: the transformer's feature reconstruction error, or the distance "
+        "to the nearest normal training patch (`memory`; the transformer is then not trained).")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     hidden_dim: int = Field(256, ge=8)
     num_encoder_layers: int = Field(4, ge=1)
     num_decoder_layers: int = Field(4, ge=1)
@@ -214,6 +236,11 @@ class DCADConfig(_Strict):
     def flat(self) -> dict[str, Any]:
         """Dotted-key view, e.g. for MLflow params."""
         return flatten(self.model_dump(mode="json"))
+
+    @property
+    def base_epochs(self) -> int:
+        """Epochs the base stage trains (none with `base.map: memory`, whose memory is fitted, not trained)."""
+        return 0 if self.base.map == "memory" else self.train.base.epochs
 
     @property
     def uses_refiner(self) -> bool:

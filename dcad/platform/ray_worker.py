@@ -35,7 +35,7 @@ class WorkerSpec:
 
 
 def total_epochs(cfg) -> int:
-    return cfg.train.base.epochs + (cfg.train.refiner.epochs if cfg.uses_refiner else 0)
+    return cfg.base_epochs + (cfg.train.refiner.epochs if cfg.uses_refiner else 0)
 
 
 def read_meta(directory: Path) -> dict[str, Any] | None:
@@ -136,7 +136,7 @@ class EpochReporter:
     extra: Callable[[], dict] = dict  # more metrics for every report
 
     def __call__(self, report) -> None:
-        epoch = report.epoch + (self.cfg.train.base.epochs if report.stage == "refiner" else 0)  # across both stages
+        epoch = report.epoch + (self.cfg.base_epochs if report.stage == "refiner" else 0)  # across both stages
         seconds = float(report.extra.get("seconds", float("nan")))
         self.history.append({"stage": report.stage, "epoch": report.epoch, "global_epoch": epoch, **report.metrics,
                              "epoch_seconds": seconds})

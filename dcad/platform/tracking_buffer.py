@@ -104,7 +104,8 @@ class WriteBuffer:
                 _stderr(f"waiting up to {timeout:.0f} s for the tracking store to take {len(self._queue)} kept write(s)")
             while self._queue and self.broken is None:
                 if time.monotonic() >= deadline:
-                    self._stopped = True
+                    self._stopped = True  # nothing more is sent: the kept copies are of no use
+                    self._discard_spool()
                     return False
                 self._idle.wait(min(deadline - time.monotonic(), 1.0))
             return not self._queue
@@ -117,22 +118,25 @@ class WriteBuffer:
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
         return target
 
+    def _discard_spool(self) -> None:
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+
     def _replay(self) -> None:
         while True:
             with self._idle:
                 if self._stopped or not self._queue:
                     self._worker = None
                     self._idle.notify_all()
-                    if self._spool is not None and not self._queue:
-                        shutil.rmtree(self._spool, ignore_errors=True)
-                        self._spool = None
+                    self._discard_spool()
                     return
                 what, write = self._queue[0]
             try:
                 _retry(write, give_up=lambda: self._stopped)
             except Exception as err:  # noqa: BLE001 - stopped while unreachable, or refused: tracking ends
                 with self._idle:
-                    if not unreachable(err):
+                    if not unreachable(err) and not self._stopped:  # a write cut by `drain` giving up is no refusal
                         self.broken = f"{what}: {describe(err)}"
                         self._queue.clear()
                 continue

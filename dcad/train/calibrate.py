@@ -38,8 +38,7 @@ def fit_base_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) 
     base_maps = []
     for batch in _normal_batches(dataset, batch_size):
         images = batch["image"].to(device)
-        feats = model.backbone(images)
-        base_map = model.base.anomaly_map(feats, model.base(feats), model.image_size)
+        base_map = model.base_map(images, model.backbone(images), batch["category_index"].to(device))
         if cascade:
             base_maps.append(base_map)
         base_map = base_map.double()

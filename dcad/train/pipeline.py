@@ -211,7 +211,7 @@ def train_drdc(
     if model.uses_refiner and start.weights is None:
         hooks.phase("refiner")
         images, cats = stack_images(splits.train, bs)
-        base_maps = _standardised_base_maps(model, cache, device)
+        base_maps = _standardised_base_maps(model, cache, images, cats, device)
         refiner_stage = RefinerStage(
             model.denoiser,
             model.scheduler,
@@ -270,6 +270,12 @@ def _train_base(model: DRDC, cfg: DCADConfig, splits: Splits, device, checkpoint
         cache = compute_features(model.backbone, splits.train, bs, device)
         hooks.shared("features", cache)
     model.prototypes.copy_(cache.category_prototypes(len(model.categories)).to(device))
+    if model.memory is not None:
+        hooks.phase("patch memory (coreset of each category's training patches)")
+        fit_memory(model, splits.train, bs, device)
+        hooks.shared("base", TrainedBase(model.base.state_dict(), model.prototypes.detach().clone(), cache, [],
+                                         memory=model.memory.state_dict()))
+        return cache
     hooks.phase("base branch")
     # validation scores the plain module (never a DDP wrapper, whose forward would wait for the other ranks)
     base_validate = (lambda _module: val.base_metrics(model.base)) if val is not None else None
@@ -281,11 +287,27 @@ def _train_base(model: DRDC, cfg: DCADConfig, splits: Splits, device, checkpoint
 
 
 @torch.no_grad()
-def _standardised_base_maps(model: DRDC, cache, device) -> torch.Tensor:
-    """Base maps of the training images (guidance channel of the denoiser), at image resolution."""
+def fit_memory(model: DRDC, dataset, batch_size: int, device) -> None:
+    """The patch memory's coreset of each category's (normal) training patches, one category at a time."""
+    for category in range(len(model.categories)):
+        feats = []
+        for batch in loader_for(dataset, batch_size):
+            keep = batch["category_index"] == category
+            if keep.any():
+                images = batch["image"][keep].to(device)
+                feats.append(model.memory.features(model.backbone.stages(images, len(model.backbone.stage_channels))))
+        if feats:
+            model.memory.add_category(category, torch.cat(feats))
+
+
+@torch.no_grad()
+def _standardised_base_maps(model: DRDC, cache, images: torch.Tensor, cats: torch.Tensor, device) -> torch.Tensor:
+    """Base maps of the training images (guidance channel of the denoiser), at image resolution; `images` are the
+    uint8 training images in the cache's order."""
     maps = []
     for start in range(0, len(cache), 64):
         feats = cache.features[start : start + 64].to(device).float()
-        base = model.base.anomaly_map(feats, model.base(feats), model.image_size)
+        batch = images[start : start + 64].to(device).float() / 255.0
+        base = model.base_map(batch, feats, cats[start : start + 64].to(device))
         maps.append(model.calibration.standardise_base(base).cpu())
     return torch.cat(maps)

@@ -77,6 +77,7 @@ class TrainedBase:
     prototypes: Tensor
     features: FeatureCache
     history: list[dict] = field(default_factory=list)
+    memory: dict[str, Tensor] | None = None  # the patch memory (`base.map: memory`)
 
 
 @dataclass
@@ -87,11 +88,13 @@ class TrainedWeights:
     prototypes: Tensor
     denoiser: dict[str, Tensor] | None
     history: list[dict] = field(default_factory=list)
+    memory: dict[str, Tensor] | None = None
 
     @classmethod
     def of(cls, model, history: list[dict]) -> "TrainedWeights":
-        denoiser = {k: v.detach().cpu() for k, v in model.denoiser.state_dict().items()} if model.denoiser is not None else None
-        return cls(_cpu(model.base.state_dict()), model.prototypes.detach().cpu(), denoiser, list(history))
+        denoiser = _cpu(model.denoiser.state_dict()) if model.denoiser is not None else None
+        memory = _cpu(model.memory.state_dict()) if model.memory is not None else None
+        return cls(_cpu(model.base.state_dict()), model.prototypes.detach().cpu(), denoiser, list(history), memory)
 
 
 def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -111,23 +114,24 @@ def load_features(path: Path) -> FeatureCache:
 def save_base(trained: TrainedBase, path: Path) -> Path:
     return _save(path, "base", {"base": _cpu(trained.base), "prototypes": trained.prototypes.cpu(),
                                 "features": trained.features.features, "category_index": trained.features.category_index,
-                                "categories": list(trained.features.categories), "history": _jsonable(trained.history)})
+                                "categories": list(trained.features.categories), "history": _jsonable(trained.history),
+                                "memory": trained.memory})
 
 
 def load_base(path: Path) -> TrainedBase:
     s = _load(path, "base")
     cache = FeatureCache(s["features"], s["category_index"], list(s["categories"]))
-    return TrainedBase(s["base"], s["prototypes"], cache, json.loads(s["history"]))
+    return TrainedBase(s["base"], s["prototypes"], cache, json.loads(s["history"]), s.get("memory"))
 
 
 def save_weights(trained: TrainedWeights, path: Path) -> Path:
     return _save(path, "weights", {"base": trained.base, "prototypes": trained.prototypes, "denoiser": trained.denoiser,
-                                   "history": _jsonable(trained.history)})
+                                   "history": _jsonable(trained.history), "memory": trained.memory})
 
 
 def load_weights(path: Path) -> TrainedWeights:
     s = _load(path, "weights")
-    return TrainedWeights(s["base"], s["prototypes"], s["denoiser"], json.loads(s["history"]))
+    return TrainedWeights(s["base"], s["prototypes"], s["denoiser"], json.loads(s["history"]), s.get("memory"))
 
 
 def _jsonable(history: list[dict]) -> str:
@@ -156,6 +160,10 @@ def load_into(model, weights: TrainedWeights | TrainedBase) -> None:
     denoiser = getattr(weights, "denoiser", None)
     if denoiser is not None and model.denoiser is not None:
         model.denoiser.load_state_dict(denoiser)
+    if model.memory is not None:
+        if weights.memory is None:
+            raise ModelError("the shared stage holds no patch memory, which this config's base.map=memory needs")
+        model.memory.load_state_dict(weights.memory)
 
 
 __all__ = [

@@ -20,13 +20,14 @@ from dcad.core.model.base_branch import BaseReconstructor
 from dcad.core.model.denoiser import Denoiser
 from dcad.core.model.fusion import RefinementStats, fuse, gaussian_blur, image_score
 from dcad.core.model.inpainting import InpaintingRefiner, fixed_noise
+from dcad.core.model.memory_bank import PatchMemory
 from dcad.core.model.noise import build_scheduler
 from dcad.core.model.windows import crop_windows, paste_windows, peak_windows
 
 
 @dataclass
 class Prediction:
-    base_map: Tensor  # [B,1,H,W] raw base map (feature reconstruction error)
+    base_map: Tensor  # [B,1,H,W] raw base map (feature reconstruction error, or patch-memory distance)
     refine_maps: Tensor | None  # [B,T,S,H,W] raw refinement maps, or None (base only)
     anomaly_map: Tensor  # [B,1,H,W] final map (standardised units)
     image_score: Tensor  # [B]
@@ -78,6 +79,9 @@ class DRDC(nn.Module):
         self.categories = list(categories)
         self.backbone = FeatureExtractor(cfg.backbone, cfg.data.image_size)
         self.base = BaseReconstructor(self.backbone.channels, self.backbone.grid, cfg.base, self.backbone.stage_channels)
+        self.memory = None
+        if cfg.base.map == "memory":
+            self.memory = PatchMemory(cfg.base.memory, sum(self.backbone.stage_channels), cfg.data.image_size, cfg.train.seed)
         self.denoiser = Denoiser(cfg.refiner, len(categories)) if cfg.uses_refiner else None
         self.scheduler = build_scheduler(cfg.refiner.scheduler) if cfg.uses_refiner else None
         self.register_buffer("prototypes", torch.zeros(len(categories), self.backbone.channels))
@@ -122,10 +126,20 @@ class DRDC(nn.Module):
         if category_index is None:
             category_index = self.predict_category(images, feats)
         category_index = category_index.to(images.device)
-        base_map = self.base.anomaly_map(feats, self.base(feats), self.image_size)
+        base_map = self.base_map(images, feats, category_index)
         base_z = self.calibration.standardise_base(base_map)
         refine_maps = self.refinement(images, base_z, category_index) if self.uses_refiner else None
         return base_map, base_z, refine_maps, category_index
+
+    @torch.no_grad()
+    def base_map(self, images: Tensor, feats: Tensor, category_index: Tensor) -> Tensor:
+        """[B,1,H,W] raw base map under `base.map`: the transformer's reconstruction error of the backbone features
+        `feats`, or the patch memory's nearest-neighbour distances."""
+        if self.memory is None:
+            return self.base.anomaly_map(feats, self.base(feats), self.image_size)
+        stages = self.backbone.stages(images, len(self.backbone.stage_channels))
+        distances = self.memory.distance_map(self.memory.features(stages), category_index)
+        return nn.functional.interpolate(distances, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def base_scores(self, base_z: Tensor) -> Tensor:
         """Image scores [B] of the base branch alone (what `ablation.mode=base_only` reports)."""

@@ -3,7 +3,8 @@
 Layout (format 2, diffusers-style: one folder per component, its config next to its weights):
     dcad_model.json                 format marker and version, dcad version, categories, thresholds, provenance
     config.yaml                     the full DCADConfig (provenance; `model.cfg`)
-    <component>/config.json         backbone, base, prototypes, calibration, denoiser (with a refiner)
+    <component>/config.json         backbone, base, prototypes, calibration, memory (`base.map: memory`), denoiser
+                                    (with a refiner)
     <component>/model.safetensors   that component's tensors, loaded strictly
     scheduler/scheduler_config.json the noise schedule (diffusers `save_config`; with a refiner)
 Format 1 (one `model.safetensors` beside config.yaml and dcad_model.json) still loads.
@@ -59,6 +60,9 @@ def components(model: DRDC) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
                                             "patch_sizes": cfg.refiner.patch_sizes, "stats": cfg.fusion.stats,
                                             "map_size": model.image_size}),
     }
+    if model.memory is not None:
+        out["memory"] = (model.memory, {**cfg.base.memory.model_dump(mode="json"), "channels": model.memory.channels,
+                                        "image_size": model.image_size})
     if model.denoiser is not None:
         keys = {"unet", "class_conditioning", "test_time_conditioning", "base_map_channel", "space_to_depth"}
         out["denoiser"] = (model.denoiser, {**cfg.refiner.model_dump(mode="json", include=keys), "num_categories": k})
@@ -105,7 +109,7 @@ def _metadata(model: DRDC, extra: dict[str, Any] | None) -> dict[str, Any]:
 
 
 _MODEL_ENTRIES = {META_FILE, CONFIG_FILE, WEIGHTS_FILE, SCHEDULER_DIR, "backbone", "base", "prototypes", "calibration",
-                  "denoiser"}
+                  "memory", "denoiser"}
 
 
 def _swap_in(new: Path, directory: Path) -> None:

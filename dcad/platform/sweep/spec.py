@@ -298,7 +298,7 @@ def _check_early_stopping(spec: SweepSpec) -> None:
         raise ValueError(f"invalid value for 'early_stopping.metric': ASHA needs a validation metric (val_*), not '{metric}'")
 
     cfg = spec.base_config()
-    base_epochs = cfg.train.base.epochs
+    base_epochs = cfg.base_epochs
     total = base_epochs + (cfg.train.refiner.epochs if cfg.uses_refiner else 0)
     if es.grace_period > total:
         raise ValueError(f"invalid value for 'early_stopping.grace_period': {es.grace_period} exceeds the {total} epochs a trial trains")

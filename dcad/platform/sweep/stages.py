@@ -45,7 +45,7 @@ def train_shared_base(spec: SweepSpec, sweep_root: str, digest: str, concurrency
     r = spec.resources
     gpus = r.gpus_per_worker or 0
     cpus = base_task_cpus(concurrency * (r.workers * r.cpus_per_worker + TRIAL_CPUS), gpus)
-    log(f"shared base branch: training it once for all trials ({cfg.train.base.epochs} epochs, {cpus:g} CPU)")
+    log(f"shared base branch: training it once for all trials ({cfg.base_epochs} epochs, {cpus:g} CPU)")
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_train_base_task)
     return ray.get(task.remote(cfg.model_dump(mode="json"), str(spec.dataset_path()), sweep_root, digest, max(1, math.ceil(cpus))))
 
