@@ -22,14 +22,14 @@ def ui(
     """Start the MLflow UI on the local sqlite store and print its address."""
     from dcad.core.errors import DcadError
     from dcad.platform.mlflow_store import artifact_root_for, check_store, is_server_uri, resolve_tracking_uri
-    from dcad.platform.stack.procs import free_port, listening
+    from dcad.platform.stack.procs import free_ports, listening
 
     uri = resolve_tracking_uri(tracking_uri)
     if is_server_uri(uri):
         typer.echo(f"the tracking store is already a server: open {uri}")
         return
     check_store(uri)
-    port = port or free_port(host)
+    port = port or free_ports(1, host)[0]
     if listening(host, port):
         raise DcadError(f"port {port} on {host} is in use (pass another --port, or --port 0 for any free one)")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]

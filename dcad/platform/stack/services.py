@@ -18,7 +18,7 @@ import requests
 
 from dcad.platform.errors import describe
 from dcad.platform.secrets import redact
-from dcad.platform.stack.procs import ProcessId, free_port, identify, listening
+from dcad.platform.stack.procs import ProcessId, free_ports, identify, listening
 from dcad.platform.stack.state import ServiceRecord, StackError, StackOptions, StackState
 from dcad.platform.storage import CHECKSUM_ENV, DEFAULT_REGION, list_keys, s3_client
 
@@ -134,7 +134,7 @@ def start_ray(opts: StackOptions, state: StackState) -> Ready:
              "--metrics-export-port", "--runtime-env-agent-port", "--dashboard-port")
     cmd = [_executable("ray"), "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", host, "--port", str(port),
            "--temp-dir", temp_dir, "--include-dashboard", "false", "--object-store-memory", str(512 * 2**20),
-           *(item for name in ports for item in (name, str(free_port(host))))]
+           *(item for name, port in zip(ports, free_ports(len(ports), host)) for item in (name, str(port)))]
     if opts.ray_cpus is not None:
         cmd += ["--num-cpus", str(opts.ray_cpus)]
     offset = log.stat().st_size if log.exists() else 0
