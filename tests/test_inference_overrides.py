@@ -78,3 +78,24 @@ def test_score_maps_re_scores_one_pass_as_any_ablation(model):
     torch.testing.assert_close(rescored, refine.anomaly_map)
     torch.testing.assert_close(rescored_scores, refine.image_score)
     assert not torch.allclose(rescored, full.anomaly_map)
+
+
+def test_image_map_base_scores_images_by_the_base_map_and_keeps_the_refined_map(model):
+    """`fusion.image_map=base`: the full model's image scores are the base branch's; its map is still the fused one;
+    the refinement-only ablation still scores its own map."""
+    images = torch.rand(3, 3, model.image_size, model.image_size)
+    cats = torch.tensor([0, 1, 0])
+    full = model(images, cats)
+    base_z = model.calibration.standardise_base(full.base_map)
+    _, base_scores = model.score_maps(base_z, full.refine_maps, full.category_index, "base_only")
+    assert not torch.allclose(full.image_score, base_scores)
+    with_inference_overrides(model, ["fusion.image_map=base"])
+    try:
+        scored_by_base = model(images, cats)
+        _, refine_only_scores = model.score_maps(base_z, full.refine_maps, full.category_index, "refine_only")
+    finally:
+        with_inference_overrides(model, ["fusion.image_map=final"])
+    torch.testing.assert_close(scored_by_base.image_score, base_scores)
+    torch.testing.assert_close(scored_by_base.anomaly_map, full.anomaly_map)
+    _, refine_only_final = model.score_maps(base_z, full.refine_maps, full.category_index, "refine_only")
+    torch.testing.assert_close(refine_only_scores, refine_only_final)

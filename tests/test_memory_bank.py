@@ -91,7 +91,13 @@ def test_a_memory_model_trains_without_the_transformer_and_round_trips(tmp_path,
     save_model(model, tmp_path / "m")
     assert (tmp_path / "m" / "memory" / "model.safetensors").is_file()
     loaded = load_model(tmp_path / "m")
-    assert torch.equal(model(images, cats).anomaly_map, loaded(images, cats).anomaly_map)
+    passes = []
+    hook = loaded.backbone.model.register_forward_hook(lambda *_: passes.append(1))
+    predicted = loaded(images, cats)
+    hook.remove()
+    assert torch.equal(model(images, cats).anomaly_map, predicted.anomaly_map)
+    assert len(passes) == 1  # the memory's stages and the category features come from one backbone pass
+    assert torch.equal(predicted.base_map, loaded.base_map(images, loaded.backbone(images), cats))
     reconstruction = DRDC(load_config("tiny"), splits.categories)
     assert reconstruction.memory is None  # and its base map is the transformer's, which the memory model ignores
     (tmp_path / "m" / "config.yaml").write_text(reconstruction.cfg.to_yaml())

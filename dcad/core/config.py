@@ -173,6 +173,10 @@ class FusionConfig(_Strict):
     weights: dict[str, float] | None = Field(None, description="w(τ,s) keyed 't{τ}_s{s}'; uniform when empty.")
     blur_sigma: float = Field(2.0, ge=0.0)
     pool_kernel: int = Field(16, ge=1, description="Image score: max of the average-pooled map.")
+    image_map: Literal["final", "base"] = Field(
+        "final", description="The map the full model's image score pools: the final map, or the (blurred, "
+        "standardised) base map, when the refinement is to sharpen localisation but not decide which images are anomalous."
+    )
     gate_offset: float = Field(1.0, description="gated: k in σ((base − k)/T), the base level where refinement counts half.")
     gate_temperature: float = Field(0.5, gt=0.0, description="gated: T, the softness of the gate.")
     stats: Literal["scalar", "pixel"] = Field(

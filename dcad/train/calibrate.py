@@ -38,7 +38,8 @@ def fit_base_statistics(model: DRDC, dataset: Dataset, batch_size: int, device) 
     base_maps = []
     for batch in _normal_batches(dataset, batch_size):
         images = batch["image"].to(device)
-        base_map = model.base_map(images, model.backbone(images), batch["category_index"].to(device))
+        feats, stages = model.backbone.extract(images)
+        base_map = model.base_map(images, feats, batch["category_index"].to(device), stages)
         if cascade:
             base_maps.append(base_map)
         base_map = base_map.double()

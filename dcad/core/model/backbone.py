@@ -278,12 +278,16 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """images [B,3,H,W] in [0,1] → features [B,C,H/stride,W/stride]."""
+        return self.extract(images)[0]
+
+    @torch.no_grad()
+    def extract(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(`forward`'s features, every stage at its own stride) from one pass through the backbone."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B,3,H,W], got {tuple(images.shape)}")
-        x = (images.float() - self.mean) / self.std
+        stages = self.stages(images, len(self.stage_channels))
         size = (images.shape[-2] // self.stride, images.shape[-1] // self.stride)
-        stages = [self._resize(f.float(), size) for f in self.model(x)]
-        return torch.cat(stages, dim=1)
+        return torch.cat([self._resize(f, size) for f in stages], dim=1), stages
 
     @staticmethod
     def _resize(feature: Tensor, size: tuple[int, int]) -> Tensor:

@@ -122,22 +122,23 @@ class DRDC(nn.Module):
     @torch.no_grad()
     def raw_maps(self, images: Tensor, category_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """(base map, standardised base map, raw refinement maps or None, category index)."""
-        feats = self.backbone(images)
+        feats, stages = self.backbone.extract(images)
         if category_index is None:
             category_index = self.predict_category(images, feats)
         category_index = category_index.to(images.device)
-        base_map = self.base_map(images, feats, category_index)
+        base_map = self.base_map(images, feats, category_index, stages)
         base_z = self.calibration.standardise_base(base_map)
         refine_maps = self.refinement(images, base_z, category_index) if self.uses_refiner else None
         return base_map, base_z, refine_maps, category_index
 
     @torch.no_grad()
-    def base_map(self, images: Tensor, feats: Tensor, category_index: Tensor) -> Tensor:
+    def base_map(self, images: Tensor, feats: Tensor, category_index: Tensor, stages: list[Tensor] | None = None) -> Tensor:
         """[B,1,H,W] raw base map under `base.map`: the transformer's reconstruction error of the backbone features
-        `feats`, or the patch memory's nearest-neighbour distances."""
+        `feats`, or the patch memory's nearest-neighbour distances of the backbone `stages` (computed when None)."""
         if self.memory is None:
             return self.base.anomaly_map(feats, self.base(feats), self.image_size)
-        stages = self.backbone.stages(images, len(self.backbone.stage_channels))
+        if stages is None:
+            stages = self.backbone.stages(images, len(self.backbone.stage_channels))
         distances = self.memory.distance_map(self.memory.features(stages), category_index)
         return nn.functional.interpolate(distances, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -219,10 +220,12 @@ class DRDC(nn.Module):
         mode = mode or self.cfg.ablation.mode
         if refine_maps is None or mode == "base_only":
             final = gaussian_blur(base_z, self.cfg.fusion.blur_sigma)
-        else:
-            refine_z = self.calibration.refine.standardise(refine_maps, category_index)
-            final = fuse(base_z, refine_z, self.cfg.fusion, self.cfg.refiner.timesteps, self.cfg.refiner.patch_sizes,
-                         refine_only=mode == "refine_only")
+            return final, image_score(final, self.cfg.fusion.pool_kernel)
+        refine_z = self.calibration.refine.standardise(refine_maps, category_index)
+        final = fuse(base_z, refine_z, self.cfg.fusion, self.cfg.refiner.timesteps, self.cfg.refiner.patch_sizes,
+                     refine_only=mode == "refine_only")
+        if mode == "full" and self.cfg.fusion.image_map == "base":
+            return final, self.base_scores(base_z)
         return final, image_score(final, self.cfg.fusion.pool_kernel)
 
 
@@ -234,6 +237,7 @@ INFERENCE_KEYS = (
     "fusion.weights",
     "fusion.blur_sigma",
     "fusion.pool_kernel",
+    "fusion.image_map",
     "fusion.gate_offset",
     "fusion.gate_temperature",
     "refiner.guidance_scale",
