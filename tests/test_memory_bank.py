@@ -75,21 +75,18 @@ def splits(tmp_path_factory):
 
 
 def test_a_memory_model_trains_without_the_transformer_and_round_trips(tmp_path, splits):
-    from dcad.train.loop import seed_everything
     from dcad.train.pipeline import TrainHooks, train_drdc
 
     cfg = load_config("tiny", overrides=MEMORY)
-    seed_everything(cfg.train.seed)  # as train_drdc does before it builds the model
-    untrained = DRDC(cfg, splits.categories).base.state_dict()
     hooks = TrainHooks()
     model, val = train_drdc(cfg, splits, device=torch.device("cpu"), hooks=hooks)
     assert {h["stage"] for h in hooks.history} == {"refiner"} and val["val_image_auroc"] >= 0.0
-    assert all(torch.equal(v, untrained[k]) for k, v in model.base.state_dict().items())  # not trained
+    assert model.base is None  # no transformer is built, trained or saved
     assert sorted(set(model.memory.bank_category.tolist())) == [0, 1]
     images = torch.stack([splits.test[i]["image"] for i in range(4)])
     cats = torch.tensor([splits.test[i]["category_index"] for i in range(4)])
     save_model(model, tmp_path / "m")
-    assert (tmp_path / "m" / "memory" / "model.safetensors").is_file()
+    assert (tmp_path / "m" / "memory" / "model.safetensors").is_file() and not (tmp_path / "m" / "base").exists()
     loaded = load_model(tmp_path / "m")
     passes = []
     hook = loaded.backbone.model.register_forward_hook(lambda *_: passes.append(1))
@@ -101,7 +98,7 @@ def test_a_memory_model_trains_without_the_transformer_and_round_trips(tmp_path,
     reconstruction = DRDC(load_config("tiny"), splits.categories)
     assert reconstruction.memory is None  # and its base map is the transformer's, which the memory model ignores
     (tmp_path / "m" / "config.yaml").write_text(reconstruction.cfg.to_yaml())
-    with pytest.raises(ModelError, match="base.map is 'memory' in base/config.json"):
+    with pytest.raises(ModelError, match="component base has no readable config.json"):
         load_model(tmp_path / "m")
 
 
@@ -112,7 +109,10 @@ def test_a_shared_base_stage_carries_the_memory(splits):
     shared = train_base(cfg, splits, device=torch.device("cpu"))
     assert shared.memory is not None and len(shared.memory["bank"]) > 0
     model, _ = train_drdc(cfg, splits, device=torch.device("cpu"), start=StageStart(base=shared))
-    assert torch.equal(model.memory.bank, shared.memory["bank"])
+    assert torch.equal(model.memory.bank, shared.memory["bank"]) and shared.base is None
+    reconstruction = load_config("tiny", overrides=MEMORY[1:])
+    with pytest.raises(ModelError, match="no base transformer"):
+        train_drdc(reconstruction, splits, device=torch.device("cpu"), start=StageStart(base=shared))
     shared.memory = None
     with pytest.raises(ModelError, match="no patch memory"):
         train_drdc(cfg, splits, device=torch.device("cpu"), start=StageStart(base=shared))

@@ -273,8 +273,7 @@ def _train_base(model: DRDC, cfg: DCADConfig, splits: Splits, device, checkpoint
     if model.memory is not None:
         hooks.phase("patch memory (coreset of each category's training patches)")
         fit_memory(model, splits.train, bs, device)
-        hooks.shared("base", TrainedBase(model.base.state_dict(), model.prototypes.detach().clone(), cache, [],
-                                         memory=model.memory.state_dict()))
+        hooks.shared("base", TrainedBase(None, model.prototypes.detach().clone(), cache, [], memory=model.memory.state_dict()))
         return cache
     hooks.phase("base branch")
     # validation scores the plain module (never a DDP wrapper, whose forward would wait for the other ranks)

@@ -73,7 +73,7 @@ def trained_stages(keys: list[str] | tuple[str, ...]) -> set[Stage]:
 class TrainedBase:
     """A trained base branch, the category prototypes and the feature cache it was trained on."""
 
-    base: dict[str, Tensor]
+    base: dict[str, Tensor] | None  # the transformer (None under `base.map: memory`)
     prototypes: Tensor
     features: FeatureCache
     history: list[dict] = field(default_factory=list)
@@ -84,7 +84,7 @@ class TrainedBase:
 class TrainedWeights:
     """Every trained weight of a model but its calibration: base, prototypes and denoiser (None: base only)."""
 
-    base: dict[str, Tensor]
+    base: dict[str, Tensor] | None
     prototypes: Tensor
     denoiser: dict[str, Tensor] | None
     history: list[dict] = field(default_factory=list)
@@ -94,7 +94,8 @@ class TrainedWeights:
     def of(cls, model, history: list[dict]) -> "TrainedWeights":
         denoiser = _cpu(model.denoiser.state_dict()) if model.denoiser is not None else None
         memory = _cpu(model.memory.state_dict()) if model.memory is not None else None
-        return cls(_cpu(model.base.state_dict()), model.prototypes.detach().cpu(), denoiser, list(history), memory)
+        base = _cpu(model.base.state_dict()) if model.base is not None else None
+        return cls(base, model.prototypes.detach().cpu(), denoiser, list(history), memory)
 
 
 def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -112,7 +113,7 @@ def load_features(path: Path) -> FeatureCache:
 
 
 def save_base(trained: TrainedBase, path: Path) -> Path:
-    return _save(path, "base", {"base": _cpu(trained.base), "prototypes": trained.prototypes.cpu(),
+    return _save(path, "base", {"base": _cpu(trained.base) if trained.base is not None else None, "prototypes": trained.prototypes.cpu(),
                                 "features": trained.features.features, "category_index": trained.features.category_index,
                                 "categories": list(trained.features.categories), "history": _jsonable(trained.history),
                                 "memory": trained.memory})
@@ -155,7 +156,10 @@ def _load(path: Path, kind: str) -> dict[str, Any]:
 
 def load_into(model, weights: TrainedWeights | TrainedBase) -> None:
     """Copy shared weights into a freshly built DRDC (strictly: shapes and names must match)."""
-    model.base.load_state_dict(weights.base)
+    if model.base is not None:
+        if weights.base is None:
+            raise ModelError("the shared stage holds no base transformer, which this config's base.map=reconstruction needs")
+        model.base.load_state_dict(weights.base)
     model.prototypes.copy_(weights.prototypes.to(model.prototypes.device))
     denoiser = getattr(weights, "denoiser", None)
     if denoiser is not None and model.denoiser is not None:

@@ -78,10 +78,13 @@ class DRDC(nn.Module):
         self.cfg = cfg
         self.categories = list(categories)
         self.backbone = FeatureExtractor(cfg.backbone, cfg.data.image_size)
-        self.base = BaseReconstructor(self.backbone.channels, self.backbone.grid, cfg.base, self.backbone.stage_channels)
-        self.memory = None
+        # The base map's module: the reconstruction transformer, or the patch memory (the other one is None).
+        self.base: BaseReconstructor | None = None
+        self.memory: PatchMemory | None = None
         if cfg.base.map == "memory":
             self.memory = PatchMemory(cfg.base.memory, sum(self.backbone.stage_channels), cfg.data.image_size, cfg.train.seed)
+        else:
+            self.base = BaseReconstructor(self.backbone.channels, self.backbone.grid, cfg.base, self.backbone.stage_channels)
         self.denoiser = Denoiser(cfg.refiner, len(categories)) if cfg.uses_refiner else None
         self.scheduler = build_scheduler(cfg.refiner.scheduler) if cfg.uses_refiner else None
         self.register_buffer("prototypes", torch.zeros(len(categories), self.backbone.channels))

@@ -54,12 +54,13 @@ def components(model: DRDC) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
     cfg, k = model.cfg, len(model.categories)
     out = {
         "backbone": (model.backbone, {**cfg.backbone.model_dump(mode="json", exclude={"weights"}), "image_size": model.image_size}),
-        "base": (model.base, {**cfg.base.model_dump(mode="json"), "in_channels": model.backbone.channels}),
         "prototypes": (_Prototypes(model), {"num_categories": k, "channels": model.backbone.channels}),
         "calibration": (model.calibration, {"num_categories": k, "timesteps": cfg.refiner.timesteps,
                                             "patch_sizes": cfg.refiner.patch_sizes, "stats": cfg.fusion.stats,
                                             "map_size": model.image_size}),
     }
+    if model.base is not None:
+        out["base"] = (model.base, {**cfg.base.model_dump(mode="json"), "in_channels": model.backbone.channels})
     if model.memory is not None:
         out["memory"] = (model.memory, {**cfg.base.memory.model_dump(mode="json"), "channels": model.memory.channels,
                                         "image_size": model.image_size})
