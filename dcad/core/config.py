@@ -72,7 +72,7 @@ class MemoryConfig(_Strict):
 class BaseBranchConfig(_Strict):
     map: Literal["reconstruction", "memory"] = Field(
         "reconstruction", description="The base map: the transformer's feature reconstruction error, or the distance "
-        "to the nearest normal training patch (`memory`; the transformer is then not trained).")
+        "to the nearest normal training patch (`memory`; the transformer is then not built).")
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     hidden_dim: int = Field(256, ge=8)
     num_encoder_layers: int = Field(4, ge=1)
@@ -245,6 +245,11 @@ class DCADConfig(_Strict):
     def base_epochs(self) -> int:
         """Epochs the base stage trains (none with `base.map: memory`, whose memory is fitted, not trained)."""
         return 0 if self.base.map == "memory" else self.train.base.epochs
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs a training reports across both stages (the base's, then the refiner's when it has one)."""
+        return self.base_epochs + (self.train.refiner.epochs if self.uses_refiner else 0)
 
     @property
     def uses_refiner(self) -> bool:

@@ -34,10 +34,6 @@ class WorkerSpec:
     dataset_digest: str = ""
 
 
-def total_epochs(cfg) -> int:
-    return cfg.base_epochs + (cfg.train.refiner.epochs if cfg.uses_refiner else 0)
-
-
 def read_meta(directory: Path) -> dict[str, Any] | None:
     try:
         return json.loads((Path(directory) / META_FILE).read_text())
@@ -144,7 +140,7 @@ class EpochReporter:
             self.tracker.log_epoch(report)
         metrics = {"epoch": epoch, "stage": report.stage, "stage_epoch": report.epoch, **report.metrics,
                    "epoch_seconds": seconds, **self.extra()}
-        meta = {"epoch": epoch, "total_epochs": total_epochs(self.cfg), "stage": report.stage, "stage_epoch": report.epoch,
+        meta = {"epoch": epoch, "total_epochs": self.cfg.total_epochs, "stage": report.stage, "stage_epoch": report.epoch,
                 "stage_epochs": report.epochs, "final": False}
         self.checkpoint(metrics, meta, f"epoch_{epoch:04d}", self.local_dir)
 
@@ -152,7 +148,7 @@ class EpochReporter:
         """The last report: the model directory under `model/` with the validation metrics."""
         from dcad.core.model.model_dir import save_model
 
-        epoch = total_epochs(self.cfg)
+        epoch = self.cfg.total_epochs
         meta = {"epoch": epoch, "total_epochs": epoch, "final": True, "val_metrics": val_metrics}
         with tempfile.TemporaryDirectory(prefix="dcad-final-") as tmp:
             if self.chief:

@@ -294,7 +294,7 @@ def fit_memory(model: DRDC, dataset, batch_size: int, device) -> None:
             keep = batch["category_index"] == category
             if keep.any():
                 images = batch["image"][keep].to(device)
-                feats.append(model.memory.features(model.backbone.stages(images, len(model.backbone.stage_channels))))
+                feats.append(model.memory.features(model.backbone.stages(images)))
         if feats:
             model.memory.add_category(category, torch.cat(feats))
 

@@ -285,7 +285,7 @@ class FeatureExtractor(nn.Module):
         """(`forward`'s features, every stage at its own stride) from one pass through the backbone."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B,3,H,W], got {tuple(images.shape)}")
-        stages = self.stages(images, len(self.stage_channels))
+        stages = self.stages(images)
         size = (images.shape[-2] // self.stride, images.shape[-1] // self.stride)
         return torch.cat([self._resize(f, size) for f in stages], dim=1), stages
 
@@ -298,8 +298,8 @@ class FeatureExtractor(nn.Module):
         return F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def stages(self, images: Tensor, count: int) -> list[Tensor]:
-        """The first `count` stages of `out_indices`, each at its own stride (no resizing)."""
+    def stages(self, images: Tensor, count: int | None = None) -> list[Tensor]:
+        """The first `count` (default: all) stages of `out_indices`, each at its own stride (no resizing)."""
         x = (images.float() - self.mean) / self.std
         return [f.float() for f in self.model(x)[:count]]
 

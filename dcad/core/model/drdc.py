@@ -141,7 +141,7 @@ class DRDC(nn.Module):
         if self.memory is None:
             return self.base.anomaly_map(feats, self.base(feats), self.image_size)
         if stages is None:
-            stages = self.backbone.stages(images, len(self.backbone.stage_channels))
+            stages = self.backbone.stages(images)
         distances = self.memory.distance_map(self.memory.features(stages), category_index)
         return nn.functional.interpolate(distances, size=images.shape[-2:], mode="bilinear", align_corners=False)
 

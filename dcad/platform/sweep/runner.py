@@ -69,7 +69,6 @@ class SweepPlan:
 def plan_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = None, tracking_uri: str | None = None,
                storage: str | None = None) -> SweepPlan:
     """Check the spec's data, storage and the earlier state; nothing is started or written."""
-    from dcad.platform.ray_worker import total_epochs
 
     if not spec.dataset_path().is_dir():
         raise SweepError(f"dataset {spec.dataset_path()}: no such directory (create it with: dcad data synth {spec.dataset})")
@@ -92,7 +91,7 @@ def plan_sweep(spec: SweepSpec, *, resume: bool = False, address: str | None = N
                          "(search space, objectives, base or trial count changed); use a new name")
     uri = choose_tracking_uri(spec, state, tracking_uri)
     study = state.study_storage if state else where.study_url(spec)
-    return SweepPlan(spec, where, state, resume, uri, address, study, total_epochs(spec.base_config()), note)
+    return SweepPlan(spec, where, state, resume, uri, address, study, spec.base_config().total_epochs, note)
 
 
 def numbered(spec: SweepSpec, n: int) -> SweepSpec:

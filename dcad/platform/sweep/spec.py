@@ -299,7 +299,7 @@ def _check_early_stopping(spec: SweepSpec) -> None:
 
     cfg = spec.base_config()
     base_epochs = cfg.base_epochs
-    total = base_epochs + (cfg.train.refiner.epochs if cfg.uses_refiner else 0)
+    total = cfg.total_epochs
     if es.grace_period > total:
         raise ValueError(f"invalid value for 'early_stopping.grace_period': {es.grace_period} exceeds the {total} epochs a trial trains")
     if not spec.shares_base:

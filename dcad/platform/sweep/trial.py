@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dcad.platform.ray_train import RayTrainOutcome as TrialOutcome
-from dcad.platform.ray_worker import EpochReporter, restored_checkpoint, stage_store, total_epochs, train_reporting
+from dcad.platform.ray_worker import EpochReporter, restored_checkpoint, stage_store, train_reporting
 from dcad.platform.sweep.reporting import DONE_KEY, is_finite
 from dcad.platform.sweep.search import decode_params
 from dcad.platform.tracking_buffer import call_when_reachable
@@ -85,7 +85,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     done = call_when_reachable(lambda: finished_earlier(context, trial_id), f"trial {trial_id}")
     if done is not None:  # the driver died after this trial ended, before Tune saved the experiment
         log(trial_id, "finished before the sweep was stopped: its result is read back from its MLflow run")
-        ray.tune.report({**done, "epoch": float(total_epochs(cfg))})
+        ray.tune.report({**done, "epoch": float(cfg.total_epochs)})
         return
     tracker = call_when_reachable(lambda: open_trial_run(context, trial_id, cfg, params), f"trial {trial_id}")
     fill = result_filler(context.carried, tracker.run_id if tracker else None)
@@ -245,7 +245,7 @@ def finish_trial(cfg, context: TrialContext, outcome: TrialOutcome, tracker) -> 
     final: dict[str, Any] = {k: float(v) for k, v in outcome.val_metrics.items() if is_finite(v)}
     final.update({f"test_{k}": float(v) for k, v in result["mean"].items() if is_finite(v)})
     final.update(ms_per_image=timing["ms_per_image"], train_seconds=outcome.fit_seconds, infer_start=infer_start,
-                 eval_end=eval_end, epoch=float(total_epochs(cfg)), started_from=outcome.started_from, **{DONE_KEY: 1.0})
+                 eval_end=eval_end, epoch=float(cfg.total_epochs), started_from=outcome.started_from, **{DONE_KEY: 1.0})
     for key in context.carried:  # e.g. val_loss, which the final validation does not measure
         values = [h[key] for h in outcome.history if is_finite(h.get(key))]
         final.setdefault(key, float(values[-1]) if values else math.nan)
